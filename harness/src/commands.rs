@@ -1,0 +1,555 @@
+//! The single-step commands: keygen, ship, hydrate, verify, status, write.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use replicator_core::ErrorKind;
+use replicator_core::clock::{Clock, SystemClock};
+use replicator_core::device::{BlockDevice, FileDevice};
+use replicator_core::keys::{DiskId, MasterKey};
+use replicator_core::schedule::{Next, SchedulePolicy, Scheduler};
+use replicator_core::source::{ShipConfig, ShipReport, Source, ship_cycle};
+use replicator_core::state::{SOURCE_FILE, SourceState, TARGET_FILE, TargetState, read_json_file};
+use replicator_core::target::{
+    HydrateConfig, HydrateReport, Target, discover_disks, hydrate as hydrate_cycles,
+};
+use replicator_core::tracker::TrackerConfig;
+use replicator_core::verify::verify_devices;
+use replicator_sink::{Sink, open_sink};
+
+use crate::bars::Bars;
+use crate::table;
+use crate::workload::{Pattern, run_pattern};
+
+/// A usage or input problem: exit code 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// A failed cycle or verification: exit code 1, after the report was printed.
+#[derive(Debug)]
+pub struct Failed(pub String);
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Failed {}
+
+/// Maps an error to the documented exit code: 2 for bad usage or input, else 1.
+pub fn exit_code_for(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if cause.downcast_ref::<UsageError>().is_some() {
+            return 2;
+        }
+        if let Some(e) = cause.downcast_ref::<replicator_core::Error>() {
+            return if e.kind() == ErrorKind::InvalidInput {
+                2
+            } else {
+                1
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<replicator_sink::SinkError>() {
+            return if e.kind() == replicator_sink::SinkErrorKind::InvalidConfig {
+                2
+            } else {
+                1
+            };
+        }
+    }
+    1
+}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(msg.into()))
+}
+
+/// Reads a master key file, with errors naming the file and line.
+pub fn read_key(path: &Path) -> Result<MasterKey> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        usage(format!(
+            "cannot read key file {}: {e}; create one with `harness keygen --out {}`",
+            path.display(),
+            path.display()
+        ))
+    })?;
+    MasterKey::parse_key_file(&text, &path.display().to_string()).map_err(|e| usage(e.to_string()))
+}
+
+/// `harness keygen`.
+pub fn keygen(out: &Path) -> Result<ExitCode> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = MasterKey::generate()?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| {
+            usage(format!(
+                "cannot create key file {}: {e} (it is never overwritten)",
+                out.display()
+            ))
+        })?;
+    file.write_all(key.to_key_file().as_bytes())?;
+    file.sync_all()?;
+    println!(
+        "wrote a new master key to {}; keep it safe: without it the cache cannot be read",
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open_device(path: &Path, what: &str) -> Result<FileDevice> {
+    FileDevice::open(path).map_err(|e| usage(format!("cannot open the {what}: {e}")))
+}
+
+fn sink_of(url: &str) -> Result<Arc<dyn Sink>> {
+    open_sink(url).map_err(|e| usage(e.to_string()))
+}
+
+/// Arguments of `harness ship`.
+#[derive(Debug, clap::Args)]
+pub struct ShipArgs {
+    /// The source disk: an image file or a block device.
+    #[arg(long)]
+    source: PathBuf,
+    /// The cache: a directory path or file:///path.
+    #[arg(long)]
+    sink: String,
+    /// The source side's state directory (tracker, pending cycles).
+    #[arg(long)]
+    state: PathBuf,
+    /// The master key file (see `harness keygen`).
+    #[arg(long)]
+    key_file: PathBuf,
+    /// Keep shipping on the schedule (first delta at once, then min(max(1h, d/2), 12h) after
+    /// each delta) until Ctrl-C, which stops between cycles, or, pressed twice, at once; both
+    /// leave a state the next run resumes from.
+    #[arg(long)]
+    follow: bool,
+    /// zstd level for blobs.
+    #[arg(long, default_value_t = 1)]
+    zstd_level: i32,
+}
+
+fn print_ship(r: &ShipReport) {
+    let kind = if r.initial { "initial" } else { "delta" };
+    println!(
+        "shipped cycle {} ({kind}, base {}): {} changed in {} blobs, {} stored, {} zero; took {}",
+        r.cycle,
+        r.base_cycle,
+        table::bytes(r.changed_bytes()),
+        r.blob_count,
+        table::bytes(r.stored_bytes),
+        table::bytes(r.zero_bytes),
+        table::duration(r.finished.since(r.started))
+    );
+    if !r.acked.is_empty() {
+        println!("  target acknowledged cycles {:?}", r.acked);
+    }
+    if !r.carried_from_failed.is_empty() {
+        println!(
+            "  cycles {:?} failed on the target; their sectors went into this cycle",
+            r.carried_from_failed
+        );
+    }
+}
+
+/// `harness ship`.
+pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
+    let key = read_key(&args.key_file)?;
+    let sink = sink_of(&args.sink)?;
+    let device = open_device(&args.source, "source")?;
+    let (mut source, report) = Source::open(&args.state, device, TrackerConfig::default())?;
+    if report.unclean {
+        eprintln!(
+            "note: the previous run stopped uncleanly; {} activity-log regions were marked changed",
+            report.regions_recovered
+        );
+    }
+    let cfg = ShipConfig {
+        zstd_level: args.zstd_level,
+        ..ShipConfig::default()
+    };
+    let bars = Bars::new(false);
+    let clock = SystemClock;
+    if !args.follow {
+        let r = ship_cycle(&mut source, sink.as_ref(), &key, &clock, &cfg, &bars).await?;
+        print_ship(&r);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let policy = SchedulePolicy::default();
+    let mut sched = Scheduler::new(policy, clock.now(), source.state().next_cycle > 1);
+    let mut interrupts = Box::pin(tokio::signal::ctrl_c());
+    loop {
+        let Next::Run { kind, at } = sched.next() else {
+            break;
+        };
+        if at > clock.now() {
+            println!(
+                "next {kind:?} cycle in {}",
+                table::duration(at.since(clock.now()))
+            );
+        }
+        tokio::select! {
+            _ = clock.sleep_until(at) => {}
+            _ = &mut interrupts => {
+                println!("stopped between cycles; the state is saved");
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+        let started = clock.now();
+        let result = tokio::select! {
+            r = ship_cycle(&mut source, sink.as_ref(), &key, &clock, &cfg, &bars) => r,
+            _ = &mut interrupts => {
+                println!("interrupted mid-cycle: the cycle is abandoned (no manifest was written); its sectors ship next time");
+                return Ok(ExitCode::SUCCESS);
+            }
+        };
+        let ok = match &result {
+            Ok(r) => {
+                print_ship(r);
+                true
+            }
+            Err(e) if e.kind() == ErrorKind::InvalidInput => return Err(usage(e.to_string())),
+            Err(e) => {
+                eprintln!("cycle failed: {e}");
+                false
+            }
+        };
+        sched.record(kind, started, clock.now(), ok);
+        interrupts = Box::pin(tokio::signal::ctrl_c());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `harness hydrate`.
+#[derive(Debug, clap::Args)]
+pub struct HydrateArgs {
+    /// The target disk: an image file or a block device of the source's size.
+    #[arg(long)]
+    target: PathBuf,
+    /// The cache: a directory path or file:///path.
+    #[arg(long)]
+    sink: String,
+    /// The target side's state directory.
+    #[arg(long)]
+    state: PathBuf,
+    /// The master key file.
+    #[arg(long)]
+    key_file: PathBuf,
+    /// The disk to hydrate (32 hex digits); needed only when the cache holds several disks and
+    /// this state directory is new.
+    #[arg(long)]
+    disk: Option<String>,
+}
+
+/// Finds which disk a target state directory follows.
+pub async fn resolve_disk(state: &Path, disk: Option<&str>, sink: &dyn Sink) -> Result<DiskId> {
+    if let Some(d) = disk {
+        return d.parse().map_err(|e| usage(format!("--disk {d}: {e}")));
+    }
+    if let Some(s) = read_json_file::<TargetState>(&state.join(TARGET_FILE))? {
+        return s
+            .disk_id
+            .parse()
+            .map_err(|e| usage(format!("{}: bad disk_id: {e}", state.display())));
+    }
+    let disks = discover_disks(sink).await?;
+    match disks.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(usage(format!(
+            "the cache {} holds no disk yet; run `harness ship` first",
+            sink.describe()
+        ))),
+        many => Err(usage(format!(
+            "the cache holds {} disks; choose one with --disk ({})",
+            many.len(),
+            many.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// Prints a hydrate report; returns whether a cycle failed.
+pub fn print_hydrate(r: &HydrateReport) -> bool {
+    for a in &r.applied {
+        println!(
+            "applied cycle {} (base {}): {} written from {} blobs ({}), reconciled; took {}",
+            a.cycle,
+            a.base_cycle,
+            table::bytes(a.sectors_written * 512),
+            a.blob_count,
+            table::bytes(a.blob_bytes),
+            table::duration(a.finished.since(a.started))
+        );
+    }
+    if let Some(f) = &r.failed {
+        println!("cycle {} FAILED: {}", f.cycle, f.error);
+        println!(
+            "  the target stays at cycle {}; the source will resend these sectors in its next cycle",
+            r.committed_cycle
+        );
+        return true;
+    }
+    if r.applied.is_empty() {
+        println!(
+            "nothing to apply; the target is at cycle {}",
+            r.committed_cycle
+        );
+    }
+    if !r.waiting_cycles.is_empty() {
+        println!(
+            "  cycles {:?} wait for the source to resend a failed cycle",
+            r.waiting_cycles
+        );
+    }
+    false
+}
+
+/// `harness hydrate`.
+pub async fn hydrate(args: HydrateArgs) -> Result<ExitCode> {
+    let key = read_key(&args.key_file)?;
+    let sink = sink_of(&args.sink)?;
+    let disk = resolve_disk(&args.state, args.disk.as_deref(), sink.as_ref()).await?;
+    let device = open_device(&args.target, "target")?;
+    let mut target = Target::open(&args.state, device, disk)?;
+    let bars = Bars::new(false);
+    let r = hydrate_cycles(
+        &mut target,
+        sink.as_ref(),
+        &key,
+        &SystemClock,
+        &HydrateConfig::default(),
+        &bars,
+    )
+    .await?;
+    if print_hydrate(&r) {
+        return Err(anyhow::Error::new(Failed(format!(
+            "cycle {} failed",
+            r.failed.as_ref().map_or(0, |f| f.cycle)
+        ))));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `harness verify`.
+pub fn verify(source: &Path, target: &Path) -> Result<ExitCode> {
+    let a = FileDevice::open_read_only(source)
+        .map_err(|e| usage(format!("cannot open the source: {e}")))?;
+    let b = FileDevice::open_read_only(target)
+        .map_err(|e| usage(format!("cannot open the target: {e}")))?;
+    let bars = Bars::new(false);
+    let r = verify_devices(&a, &b, &bars)?;
+    if r.identical() {
+        println!("identical: {} compared", table::bytes(r.compared_bytes));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "DIFFERENT: {} bytes differ; first differences:",
+        r.differing_bytes
+    );
+    for d in &r.first_differences {
+        println!(
+            "  offset {} (sector {}), {} bytes",
+            d.offset_bytes,
+            d.offset_bytes / 512,
+            d.len_bytes
+        );
+    }
+    Err(anyhow::Error::new(Failed("the disks differ".into())))
+}
+
+/// Arguments of `harness status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// A source or target state directory.
+    #[arg(long)]
+    state: PathBuf,
+    /// Also list the disk's cycles in this cache.
+    #[arg(long)]
+    sink: Option<String>,
+}
+
+/// `harness status`.
+pub async fn status(args: StatusArgs) -> Result<ExitCode> {
+    let source: Option<SourceState> = read_json_file(&args.state.join(SOURCE_FILE))?;
+    let target: Option<TargetState> = read_json_file(&args.state.join(TARGET_FILE))?;
+    if source.is_none() && target.is_none() {
+        return Err(usage(format!(
+            "{} holds no source or target state",
+            args.state.display()
+        )));
+    }
+    let mut disk = None;
+    if let Some(s) = &source {
+        println!("source disk {} ({})", s.disk_id, table::bytes(s.disk_bytes));
+        println!(
+            "  next cycle {}, attempts {}, acknowledged through cycle {}",
+            s.next_cycle, s.attempts, s.acked_cycle
+        );
+        let pending: Vec<u64> = s.pending.iter().map(|p| p.cycle).collect();
+        println!("  shipped, awaiting acknowledgement: {pending:?}");
+        if let Some(f) = &s.in_flight {
+            println!(
+                "  cycle {} (attempt {}) was interrupted; the next ship settles it",
+                f.cycle, f.attempt
+            );
+        }
+        disk = Some(s.disk_id.clone());
+    }
+    if let Some(t) = &target {
+        println!("target of disk {}", t.disk_id);
+        println!(
+            "  committed cycle {} (acknowledged: {})",
+            t.committed_cycle, t.committed_acked
+        );
+        if let Some(c) = t.applying_cycle {
+            println!(
+                "  cycle {c} is partly applied: the target is NOT consistent until hydrate completes it or a later cycle"
+            );
+        }
+        if !t.failed_cycles.is_empty() {
+            println!(
+                "  failed here (superseded by later cycles): {:?}",
+                t.failed_cycles
+            );
+        }
+        disk = Some(t.disk_id.clone());
+    }
+    if let (Some(url), Some(disk)) = (args.sink, disk) {
+        let sink = sink_of(&url)?;
+        let id: DiskId = disk
+            .parse()
+            .map_err(|e| usage(format!("bad disk id: {e}")))?;
+        let manifests = sink
+            .list(&replicator_core::layout::manifests_prefix(&id))
+            .await?;
+        let cycles: Vec<u64> = manifests
+            .iter()
+            .filter_map(|m| replicator_core::layout::cycle_of_key(&m.key))
+            .collect();
+        println!(
+            "cache {}: committed cycles present {cycles:?}",
+            sink.describe()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `harness write`.
+#[derive(Debug, clap::Args)]
+pub struct WriteArgs {
+    /// The source disk.
+    #[arg(long)]
+    source: PathBuf,
+    /// The source side's state directory (the tracker lives there).
+    #[arg(long)]
+    state: PathBuf,
+    /// The write pattern.
+    #[arg(long, value_enum, default_value_t = Pattern::Innodb)]
+    pattern: Pattern,
+    /// Bytes to write, e.g. 64M, 1G.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    bytes: u64,
+    /// Seed of the write offsets and contents.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+/// Parses `4096`, `64K`, `16M`, `1G`, `2T` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => {
+            let unit = t[i..]
+                .trim_end_matches(['i', 'B', 'b'])
+                .to_ascii_uppercase();
+            let mult: u64 = match unit.as_str() {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                other => {
+                    return Err(format!(
+                        "unknown size unit `{other}` in `{s}`; use K, M, G or T"
+                    ));
+                }
+            };
+            (&t[..i], mult)
+        }
+        None => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 64M or 1G"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// `harness write`.
+pub fn write(args: WriteArgs) -> Result<ExitCode> {
+    let device = open_device(&args.source, "source")?;
+    let (source, _) = Source::open(&args.state, device, TrackerConfig::default())?;
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    let mut cursor = 0;
+    let tracker = source.tracker();
+    let writes = run_pattern(
+        tracker.as_ref(),
+        args.pattern,
+        args.bytes,
+        &mut rng,
+        &mut cursor,
+    )
+    .with_context(|| format!("writing to {}", args.source.display()))?;
+    tracker.flush()?;
+    tracker.checkpoint()?;
+    println!(
+        "wrote {} in {writes} {} writes; {} now marked for the next cycle",
+        table::bytes(args.bytes),
+        args.pattern.name(),
+        table::bytes(tracker.current().count() * 512)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("x").is_err());
+    }
+
+    #[test]
+    fn usage_errors_exit_2_and_failures_1() {
+        assert_eq!(exit_code_for(&usage("bad")), 2);
+        assert_eq!(exit_code_for(&anyhow::Error::new(Failed("x".into()))), 1);
+        let wrapped = usage("bad").context("while doing y");
+        assert_eq!(exit_code_for(&wrapped), 2);
+        assert_eq!(exit_code_for(&anyhow::anyhow!("plain failure")), 1);
+    }
+}

@@ -1,0 +1,226 @@
+//! `harness demo`: the whole product in one run, on image files or loop devices.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use replicator_core::clock::{Clock, SystemClock};
+use replicator_core::device::{BlockDevice, FileDevice};
+use replicator_core::keys::MasterKey;
+use replicator_core::progress::Progress;
+use replicator_core::schedule::SchedulePolicy;
+use replicator_core::source::{ShipConfig, Source, ship_cycle};
+use replicator_core::target::{HydrateConfig, Target, hydrate};
+use replicator_core::tracker::TrackerConfig;
+use replicator_core::verify::verify_devices;
+use replicator_sink::LocalDirSink;
+
+use crate::bars::Bars;
+use crate::commands::{Failed, parse_size};
+use crate::loopdev::LoopDevice;
+use crate::table::{self, Row};
+use crate::workload::{Pattern, fill_image, run_pattern};
+
+/// Arguments of `harness demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Size of the source disk (sparse), e.g. 1G, 256M.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    size: u64,
+    /// Rounds of writes, each followed by a delta cycle, hydration and verification.
+    #[arg(long, default_value_t = 4)]
+    rounds: u32,
+    /// Bytes written per round.
+    #[arg(long, default_value = "48M", value_parser = parse_size)]
+    churn: u64,
+    /// Seed of the image contents and the writes.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Working directory (images, cache, state); default: a temporary directory removed after.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Run on Linux loop devices over the image files (needs root and losetup).
+    #[arg(long = "loop")]
+    loop_devices: bool,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+struct Disks {
+    source: PathBuf,
+    target: PathBuf,
+    _loops: Vec<LoopDevice>,
+}
+
+fn make_disks(dir: &Path, size: u64, use_loop: bool) -> Result<Disks> {
+    if size == 0 || size % 512 != 0 {
+        bail!(crate::commands::UsageError(format!(
+            "--size {size} must be a positive multiple of 512 bytes"
+        )));
+    }
+    let src = dir.join("source.img");
+    let tgt = dir.join("target.img");
+    FileDevice::create_sparse(&src, size)?;
+    FileDevice::create_sparse(&tgt, size)?;
+    if !use_loop {
+        return Ok(Disks {
+            source: src,
+            target: tgt,
+            _loops: Vec::new(),
+        });
+    }
+    let ls = LoopDevice::attach(&src)?;
+    let lt = LoopDevice::attach(&tgt)?;
+    Ok(Disks {
+        source: ls.path().to_path_buf(),
+        target: lt.path().to_path_buf(),
+        _loops: vec![ls, lt],
+    })
+}
+
+/// Runs the demo. Exit 0 only if the target ends byte-identical to the source after every cycle.
+pub async fn run(args: DemoArgs) -> Result<ExitCode> {
+    let temp;
+    let dir = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            d.clone()
+        }
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("replicator-demo-")
+                .tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let bars = Bars::new(args.quiet);
+    let clock = SystemClock;
+    let disks = make_disks(&dir, args.size, args.loop_devices)?;
+    println!(
+        "replicator demo: {} source {} -> target {} via cache {}",
+        table::bytes(args.size),
+        disks.source.display(),
+        disks.target.display(),
+        dir.join("cache").display()
+    );
+
+    {
+        let raw = FileDevice::open(&disks.source)?;
+        bars.start("fill source", raw.size_bytes());
+        fill_image(&raw, args.seed, |n| bars.advance(n))?;
+        bars.end();
+    }
+
+    let key = MasterKey::generate()?;
+    let sink = LocalDirSink::create(dir.join("cache"))?;
+    let (mut source, _) = Source::open(
+        &dir.join("source-state"),
+        FileDevice::open(&disks.source)?,
+        TrackerConfig::default(),
+    )?;
+    let mut target = Target::open(
+        &dir.join("target-state"),
+        FileDevice::open(&disks.target)?,
+        source.disk_id(),
+    )?;
+    let cfg = ShipConfig::default();
+    let policy = SchedulePolicy::default();
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
+    let mut log_cursor = 0u64;
+    let patterns = [Pattern::Innodb, Pattern::Postgres, Pattern::Log];
+
+    println!("{}", table::header());
+    let mut rows = Vec::new();
+    let mut all_identical = true;
+    for round in 0..=args.rounds + 1 {
+        // Round 0 is the initial copy; the last one is the cutover with writes stopped.
+        let (kind, pattern) = if round == 0 {
+            ("initial".to_owned(), None)
+        } else if round == args.rounds + 1 {
+            ("cutover".to_owned(), None)
+        } else {
+            let p = patterns[(round as usize - 1) % patterns.len()];
+            (p.name().to_owned(), Some(p))
+        };
+        if let Some(p) = pattern {
+            let tracker = Arc::clone(source.tracker());
+            bars.start(&format!("write {}", p.name()), args.churn);
+            run_pattern(tracker.as_ref(), p, args.churn, &mut rng, &mut log_cursor)?;
+            bars.advance(args.churn);
+            bars.end();
+        }
+        let ship_started = clock.now();
+        let shipped = ship_cycle(&mut source, &sink, &key, &clock, &cfg, &bars).await?;
+        let ship_took = clock.now().since(ship_started);
+        let hydrate_started = clock.now();
+        let hydrated = hydrate(
+            &mut target,
+            &sink,
+            &key,
+            &clock,
+            &HydrateConfig::default(),
+            &bars,
+        )
+        .await?;
+        let hydrate_took = clock.now().since(hydrate_started);
+        if let Some(f) = &hydrated.failed {
+            println!("cycle {} failed on the target: {}", f.cycle, f.error);
+            all_identical = false;
+        }
+        let report = verify_devices(source.tracker().device(), target.device(), &bars)?;
+        let identical = report.identical();
+        if !identical {
+            all_identical = false;
+            for d in &report.first_differences {
+                println!(
+                    "  differs at offset {} ({} bytes)",
+                    d.offset_bytes, d.len_bytes
+                );
+            }
+        }
+        let next_delta_in = if round == 0 {
+            Duration::ZERO
+        } else {
+            policy.delta_interval(ship_took)
+        };
+        let row = Row {
+            cycle: shipped.cycle,
+            kind,
+            changed_bytes: shipped.changed_bytes(),
+            blob_bytes: shipped.stored_bytes,
+            ship: ship_took,
+            hydrate: hydrate_took,
+            next_delta_in,
+            verified: Some(identical),
+        };
+        println!("{}", table::line(&row));
+        rows.push(row);
+    }
+    let changed: u64 = rows.iter().skip(1).map(|r| r.changed_bytes).sum();
+    let stored: u64 = rows.iter().skip(1).map(|r| r.blob_bytes).sum();
+    println!(
+        "deltas: {} changed, {} stored in the cache; ratio {:.2}; \"next delta\" is min(max(1h, ship time / 2), 12h)",
+        table::bytes(changed),
+        table::bytes(stored),
+        if stored == 0 {
+            0.0
+        } else {
+            changed as f64 / stored as f64
+        }
+    );
+    if args.dir.is_some() {
+        println!("kept {}", dir.display());
+    }
+    if !all_identical {
+        return Err(anyhow::Error::new(Failed(
+            "the target is not identical to the source".into(),
+        )));
+    }
+    println!("target is byte-identical to the source after every cycle");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,321 @@
+//! Block devices: the only way the core reads or writes a disk.
+//!
+//! [`BlockDevice`] is positioned, synchronous I/O on a fixed-size byte array. [`FileDevice`] opens
+//! an image file or a Linux block device (a loop device, a partition); [`MemDevice`] holds a disk
+//! in memory for tests. Trackers wrap a device and are devices themselves.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use crate::bitmap::SECTOR_SIZE;
+
+/// Which I/O operation failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceOp {
+    /// Opening or sizing the device.
+    Open,
+    /// A read.
+    Read,
+    /// A write.
+    Write,
+    /// A flush to stable storage.
+    Flush,
+}
+
+impl std::fmt::Display for DeviceOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceOp::Open => "open",
+            DeviceOp::Read => "read",
+            DeviceOp::Write => "write",
+            DeviceOp::Flush => "flush",
+        })
+    }
+}
+
+/// A failed device operation, with the device, the operation and the byte range.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} of {len_bytes} bytes at offset {offset_bytes} on {device}: {detail}")]
+pub struct DeviceError {
+    /// The device's name (its path, or a test name).
+    pub device: String,
+    /// What was being done.
+    pub op: DeviceOp,
+    /// Where.
+    pub offset_bytes: u64,
+    /// How much.
+    pub len_bytes: u64,
+    /// What went wrong.
+    pub detail: String,
+    /// The underlying I/O error, if any.
+    #[source]
+    pub source: Option<std::io::Error>,
+}
+
+impl DeviceError {
+    /// An error without an underlying I/O error (a range check, a test fault).
+    pub fn new(
+        device: &str,
+        op: DeviceOp,
+        offset_bytes: u64,
+        len_bytes: u64,
+        detail: impl Into<String>,
+    ) -> Self {
+        DeviceError {
+            device: device.to_owned(),
+            op,
+            offset_bytes,
+            len_bytes,
+            detail: detail.into(),
+            source: None,
+        }
+    }
+
+    fn io(
+        device: &str,
+        op: DeviceOp,
+        offset_bytes: u64,
+        len_bytes: u64,
+        err: std::io::Error,
+    ) -> Self {
+        DeviceError {
+            device: device.to_owned(),
+            op,
+            offset_bytes,
+            len_bytes,
+            detail: err.to_string(),
+            source: Some(err),
+        }
+    }
+}
+
+/// A disk: a fixed number of bytes, read and written at byte offsets.
+///
+/// Implementations are safe to call from several threads at once; a write that returns `Ok` is
+/// visible to every later read, and durable after the next successful [`BlockDevice::flush`].
+pub trait BlockDevice: Send + Sync + std::fmt::Debug {
+    /// A name for messages (a path).
+    fn name(&self) -> &str;
+    /// The size in bytes; a multiple of [`SECTOR_SIZE`].
+    fn size_bytes(&self) -> u64;
+    /// Fills `buf` from `offset_bytes`. The range must lie within the device.
+    fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> Result<(), DeviceError>;
+    /// Writes `buf` at `offset_bytes`. The range must lie within the device.
+    fn write_at(&self, buf: &[u8], offset_bytes: u64) -> Result<(), DeviceError>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<(), DeviceError>;
+}
+
+/// Checks that `[offset, offset + len)` lies within a device of `size` bytes.
+pub fn check_range(
+    device: &dyn BlockDevice,
+    op: DeviceOp,
+    offset_bytes: u64,
+    len_bytes: u64,
+) -> Result<(), DeviceError> {
+    let end = offset_bytes.checked_add(len_bytes);
+    match end {
+        Some(end) if end <= device.size_bytes() => Ok(()),
+        _ => Err(DeviceError::new(
+            device.name(),
+            op,
+            offset_bytes,
+            len_bytes,
+            format!(
+                "range ends past the device end ({} bytes)",
+                device.size_bytes()
+            ),
+        )),
+    }
+}
+
+/// An image file or a block device opened for positioned I/O.
+#[derive(Debug)]
+pub struct FileDevice {
+    file: File,
+    name: String,
+    size_bytes: u64,
+}
+
+impl FileDevice {
+    /// Opens an existing file or block device for reading and writing. Its size must be a
+    /// multiple of 512 bytes.
+    pub fn open(path: &Path) -> Result<Self, DeviceError> {
+        Self::open_with(path, true)
+    }
+
+    /// Opens an existing file or block device read-only.
+    pub fn open_read_only(path: &Path) -> Result<Self, DeviceError> {
+        Self::open_with(path, false)
+    }
+
+    fn open_with(path: &Path, write: bool) -> Result<Self, DeviceError> {
+        let name = path.display().to_string();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)
+            .map_err(|e| DeviceError::io(&name, DeviceOp::Open, 0, 0, e))?;
+        // Seeking to the end sizes regular files and block devices alike.
+        let size_bytes = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| DeviceError::io(&name, DeviceOp::Open, 0, 0, e))?;
+        if size_bytes % SECTOR_SIZE != 0 {
+            return Err(DeviceError::new(
+                &name,
+                DeviceOp::Open,
+                0,
+                size_bytes,
+                format!("size {size_bytes} bytes is not a multiple of {SECTOR_SIZE}-byte sectors"),
+            ));
+        }
+        Ok(FileDevice {
+            file,
+            name,
+            size_bytes,
+        })
+    }
+
+    /// Creates (or truncates) a sparse image file of `size_bytes` and opens it.
+    pub fn create_sparse(path: &Path, size_bytes: u64) -> Result<Self, DeviceError> {
+        let name = path.display().to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| DeviceError::io(&name, DeviceOp::Open, 0, size_bytes, e))?;
+        file.set_len(size_bytes)
+            .map_err(|e| DeviceError::io(&name, DeviceOp::Open, 0, size_bytes, e))?;
+        drop(file);
+        Self::open(path)
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(&self.name)
+    }
+}
+
+impl BlockDevice for FileDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> Result<(), DeviceError> {
+        check_range(self, DeviceOp::Read, offset_bytes, buf.len() as u64)?;
+        self.file.read_exact_at(buf, offset_bytes).map_err(|e| {
+            DeviceError::io(
+                &self.name,
+                DeviceOp::Read,
+                offset_bytes,
+                buf.len() as u64,
+                e,
+            )
+        })
+    }
+
+    fn write_at(&self, buf: &[u8], offset_bytes: u64) -> Result<(), DeviceError> {
+        check_range(self, DeviceOp::Write, offset_bytes, buf.len() as u64)?;
+        self.file.write_all_at(buf, offset_bytes).map_err(|e| {
+            DeviceError::io(
+                &self.name,
+                DeviceOp::Write,
+                offset_bytes,
+                buf.len() as u64,
+                e,
+            )
+        })
+    }
+
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.file
+            .sync_data()
+            .map_err(|e| DeviceError::io(&self.name, DeviceOp::Flush, 0, 0, e))
+    }
+}
+
+/// A disk held in memory, for tests and simulation.
+#[derive(Debug)]
+pub struct MemDevice {
+    name: String,
+    bytes: RwLock<Vec<u8>>,
+}
+
+impl MemDevice {
+    /// A zero-filled disk of `size_bytes` (rounded up to whole sectors).
+    pub fn new(name: &str, size_bytes: u64) -> Self {
+        let size = size_bytes.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
+        MemDevice {
+            name: name.to_owned(),
+            bytes: RwLock::new(vec![0; usize::try_from(size).unwrap_or(usize::MAX)]),
+        }
+    }
+
+    /// A copy of the whole disk.
+    pub fn snapshot(&self) -> Vec<u8> {
+        match self.bytes.read() {
+            Ok(b) => b.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+impl BlockDevice for MemDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn size_bytes(&self) -> u64 {
+        match self.bytes.read() {
+            Ok(b) => b.len() as u64,
+            Err(poisoned) => poisoned.into_inner().len() as u64,
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> Result<(), DeviceError> {
+        check_range(self, DeviceOp::Read, offset_bytes, buf.len() as u64)?;
+        let bytes = self.bytes.read().unwrap_or_else(|p| p.into_inner());
+        let start = offset_bytes as usize;
+        buf.copy_from_slice(&bytes[start..start + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset_bytes: u64) -> Result<(), DeviceError> {
+        check_range(self, DeviceOp::Write, offset_bytes, buf.len() as u64)?;
+        let mut bytes = self.bytes.write().unwrap_or_else(|p| p.into_inner());
+        let start = offset_bytes as usize;
+        bytes[start..start + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+}
+
+impl<D: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<D> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn size_bytes(&self) -> u64 {
+        (**self).size_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> Result<(), DeviceError> {
+        (**self).read_at(buf, offset_bytes)
+    }
+    fn write_at(&self, buf: &[u8], offset_bytes: u64) -> Result<(), DeviceError> {
+        (**self).write_at(buf, offset_bytes)
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        (**self).flush()
+    }
+}

@@ -1,0 +1,752 @@
+//! The source side: ship one cycle of a tracked disk into the cache.
+//!
+//! A cycle: learn from the target's acknowledgements which earlier cycles landed (dropping their
+//! sectors) and which failed (carrying their sectors forward); freeze the tracker; read the
+//! frozen sectors as of the freeze; cut them into blobs (all-zero runs carry no data), checksum,
+//! compress and encrypt each; put the blobs; put the manifest last, with put-if-absent. Only then
+//! is the cycle remembered as pending until the target acknowledges it.
+//!
+//! The attempt number is persisted before the first byte is encrypted, so a re-run after a crash
+//! always encrypts under a new session key (see `docs/FORMAT.md`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use replicator_sink::{PutMode, Sink};
+
+use crate::bitmap::{Extent, SECTOR_SIZE, SectorBitmap};
+use crate::clock::{Clock, Timestamp};
+use crate::device::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::{
+    self, AckStatus, BlobExtent, Expect, ExtentKind, Manifest, ManifestBlob, Session,
+};
+use crate::keys::{DiskId, DiskKey, MasterKey};
+use crate::layout;
+use crate::progress::Progress;
+use crate::state::{
+    InFlightCycle, PendingCycle, SOURCE_FILE, STATE_VERSION, SourceState, StateDir,
+};
+use crate::tracker::{CbtTracker, OpenReport, TrackerConfig};
+
+/// Granularity of all-zero detection inside an extent: 4 KiB.
+pub const ZERO_DETECT_BYTES: u64 = 4096;
+
+/// Limits and settings of shipping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShipConfig {
+    /// Most sectors' bytes (data and zero) one blob covers. 4 MiB.
+    pub blob_span_bytes_max: u64,
+    /// Most extents in one blob. 4096.
+    pub blob_extents_max: usize,
+    /// zstd level. 1.
+    pub zstd_level: i32,
+    /// Encoded blobs waiting for a put, at most. 4.
+    pub blobs_queued_max: usize,
+    /// Puts running at once, at most. 4.
+    pub puts_in_flight_max: usize,
+    /// Shipped cycles the target has not acknowledged, at most; shipping refuses beyond. 64.
+    pub unacked_cycles_max: usize,
+}
+
+impl Default for ShipConfig {
+    fn default() -> Self {
+        ShipConfig {
+            blob_span_bytes_max: 4 << 20,
+            blob_extents_max: 4096,
+            zstd_level: 1,
+            blobs_queued_max: 4,
+            puts_in_flight_max: 4,
+            unacked_cycles_max: 64,
+        }
+    }
+}
+
+/// What one shipped cycle did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShipReport {
+    /// The cycle's number.
+    pub cycle: u64,
+    /// The target cycle it applies on top of.
+    pub base_cycle: u64,
+    /// Whether it is the initial full copy.
+    pub initial: bool,
+    /// The tracker epoch it froze: the cycle ships the disk as of that freeze.
+    pub epoch: u64,
+    /// Sectors in the cycle's bitmap.
+    pub changed_sectors: u64,
+    /// Of those, bytes found all-zero (shipped without data).
+    pub zero_bytes: u64,
+    /// Blobs written.
+    pub blob_count: u32,
+    /// Bytes written to the cache (blobs and manifest).
+    pub stored_bytes: u64,
+    /// Cycles the target acknowledged since the previous ship.
+    pub acked: Vec<u64>,
+    /// Cycles the target reported failed; their sectors went into this cycle.
+    pub carried_from_failed: Vec<u64>,
+    /// When the cycle started and finished.
+    pub started: Timestamp,
+    /// See `started`.
+    pub finished: Timestamp,
+}
+
+impl ShipReport {
+    /// Bytes of the sectors the cycle covers.
+    pub fn changed_bytes(&self) -> u64 {
+        self.changed_sectors * SECTOR_SIZE
+    }
+}
+
+/// The source side of one disk: its state directory and its tracker.
+#[derive(Debug)]
+pub struct Source<D: BlockDevice + 'static> {
+    dir: StateDir,
+    state: SourceState,
+    disk_id: DiskId,
+    tracker: Arc<CbtTracker<D>>,
+}
+
+fn pending_file(cycle: u64) -> String {
+    format!("pending-{cycle}.bmap")
+}
+
+impl<D: BlockDevice + 'static> Source<D> {
+    /// Opens (or starts) the source side in `state_path` for `device`. The tracker recovers any
+    /// marks an unclean stop left in its activity log.
+    pub fn open(
+        state_path: &Path,
+        device: D,
+        tracker_cfg: TrackerConfig,
+    ) -> Result<(Self, OpenReport)> {
+        let dir = StateDir::open(state_path)?;
+        let disk_bytes = device.size_bytes();
+        let state = match dir.read_json::<SourceState>(SOURCE_FILE)? {
+            Some(s) => {
+                if s.version != STATE_VERSION {
+                    return Err(Error::state(
+                        dir.file(SOURCE_FILE),
+                        format!("unsupported version {}", s.version),
+                    ));
+                }
+                if s.disk_bytes != disk_bytes {
+                    return Err(Error::InvalidInput(format!(
+                        "source {} is {disk_bytes} bytes but state {} was made for a {}-byte disk; \
+                         use the state directory that belongs to this disk",
+                        device.name(),
+                        state_path.display(),
+                        s.disk_bytes
+                    )));
+                }
+                s
+            }
+            None => {
+                let s = SourceState {
+                    version: STATE_VERSION,
+                    disk_id: DiskId::generate()?.to_string(),
+                    disk_bytes,
+                    next_cycle: 1,
+                    attempts: 0,
+                    acked_cycle: 0,
+                    pending: Vec::new(),
+                    in_flight: None,
+                };
+                dir.write_json(SOURCE_FILE, &s)?;
+                s
+            }
+        };
+        let disk_id: DiskId = state
+            .disk_id
+            .parse()
+            .map_err(|e| Error::state(dir.file(SOURCE_FILE), format!("bad disk_id: {e}")))?;
+        let (tracker, report) = CbtTracker::open(device, &dir.file("tracker"), tracker_cfg)?;
+        Ok((
+            Source {
+                dir,
+                state,
+                disk_id,
+                tracker: Arc::new(tracker),
+            },
+            report,
+        ))
+    }
+
+    /// The tracker: write to the source disk through it so every change is shipped.
+    pub fn tracker(&self) -> &Arc<CbtTracker<D>> {
+        &self.tracker
+    }
+
+    /// The disk's id in the cache.
+    pub fn disk_id(&self) -> DiskId {
+        self.disk_id
+    }
+
+    /// The persisted state.
+    pub fn state(&self) -> &SourceState {
+        &self.state
+    }
+
+    fn save(&self) -> Result<()> {
+        self.dir.write_json(SOURCE_FILE, &self.state)
+    }
+
+    /// The cycle the next cycle applies on top of at the target.
+    fn chain_tip(&self) -> u64 {
+        self.state
+            .pending
+            .last()
+            .map_or(self.state.acked_cycle, |p| p.cycle)
+    }
+}
+
+/// Reads the target's acknowledgements and updates the source: applied cycles are forgotten (and
+/// their objects removed from the cache), failed ones have their sectors merged into the tracker's
+/// current epoch. Returns (acked, carried).
+pub async fn sync_acks<D: BlockDevice + 'static>(
+    src: &mut Source<D>,
+    sink: &dyn Sink,
+    disk_key: &DiskKey,
+) -> Result<(Vec<u64>, Vec<u64>)> {
+    let disk = src.disk_id;
+    let mut acked = Vec::new();
+    let mut carried = Vec::new();
+    let mut done_keys = Vec::new();
+    for meta in sink.list(&layout::acks_prefix(&disk)).await? {
+        let Some(cycle) = layout::cycle_of_key(&meta.key) else {
+            continue;
+        };
+        let bytes = sink.get(&meta.key).await?;
+        let expect = Expect {
+            disk_id: disk,
+            cycle,
+            attempt: None,
+            seq: None,
+            tag: None,
+        };
+        let ack = match format::decode_ack(disk_key, &bytes, &expect) {
+            Ok((_, ack)) => ack,
+            Err(e) if e.is_wrong_key() => {
+                return Err(Error::Object {
+                    key: meta.key,
+                    source: e,
+                });
+            }
+            Err(e) => {
+                // A forged or damaged acknowledgement is ignored: the cycle stays pending, so
+                // nothing is lost; at worst it is shipped again.
+                tracing::warn!(key = %meta.key, error = %e, "ignoring an acknowledgement that failed verification");
+                continue;
+            }
+        };
+        match ack.status {
+            AckStatus::Applied => {
+                if cycle > src.state.acked_cycle {
+                    src.state.acked_cycle = cycle;
+                }
+                let before = src.state.pending.len();
+                let done: Vec<u64> = src
+                    .state
+                    .pending
+                    .iter()
+                    .filter(|p| p.cycle <= cycle)
+                    .map(|p| p.cycle)
+                    .collect();
+                src.state.pending.retain(|p| p.cycle > cycle);
+                if src.state.pending.len() != before || !done.is_empty() {
+                    acked.extend(done);
+                }
+                done_keys.push(meta.key);
+            }
+            AckStatus::Failed => {
+                if !src.state.pending.iter().any(|p| p.cycle == cycle) {
+                    // Already handled (or not ours to handle): its sectors were carried before.
+                    done_keys.push(meta.key);
+                    continue;
+                }
+                // The failed cycle and every later pending one (they chain on it) are dead;
+                // their sectors go into the next cycle.
+                let dead: Vec<u64> = src
+                    .state
+                    .pending
+                    .iter()
+                    .filter(|p| p.cycle >= cycle)
+                    .map(|p| p.cycle)
+                    .collect();
+                for c in &dead {
+                    let bitmap = src
+                        .dir
+                        .read_bitmap(&pending_file(*c), src.state.disk_bytes / SECTOR_SIZE)?;
+                    src.tracker.merge(&bitmap)?;
+                }
+                src.state.pending.retain(|p| p.cycle < cycle);
+                carried.extend(dead);
+                done_keys.push(meta.key);
+            }
+        }
+    }
+    if acked.is_empty() && carried.is_empty() && done_keys.is_empty() {
+        return Ok((acked, carried));
+    }
+    src.save()?;
+    // Only now that the state no longer needs them: drop bitmaps and cache objects.
+    for c in acked.iter().chain(carried.iter()) {
+        src.dir.remove(&pending_file(*c))?;
+        delete_cycle_objects(sink, &disk, *c).await;
+    }
+    for key in done_keys {
+        if let Err(e) = sink.delete(&key).await {
+            tracing::warn!(key = %key, error = %e, "could not remove a processed acknowledgement");
+        }
+    }
+    Ok((acked, carried))
+}
+
+/// Best-effort removal of a cycle's blobs and manifest (they are no longer needed).
+async fn delete_cycle_objects(sink: &dyn Sink, disk: &DiskId, cycle: u64) {
+    let mut keys: Vec<String> = match sink.list(&layout::cycle_blobs_prefix(disk, cycle)).await {
+        Ok(list) => list.into_iter().map(|m| m.key).collect(),
+        Err(e) => {
+            tracing::warn!(cycle, error = %e, "could not list a finished cycle's blobs for removal");
+            Vec::new()
+        }
+    };
+    keys.push(layout::manifest_key(disk, cycle));
+    for key in keys {
+        if let Err(e) = sink.delete(&key).await {
+            tracing::warn!(key = %key, error = %e, "could not remove a finished cycle's object");
+        }
+    }
+}
+
+/// Settles a cycle that was being written when the source stopped: if its manifest is in the
+/// cache it committed (remember it as pending); otherwise remove its blobs.
+async fn settle_in_flight<D: BlockDevice + 'static>(
+    src: &mut Source<D>,
+    sink: &dyn Sink,
+    disk_key: &DiskKey,
+) -> Result<()> {
+    let Some(inflight) = src.state.in_flight.clone() else {
+        return Ok(());
+    };
+    let disk = src.disk_id;
+    let key = layout::manifest_key(&disk, inflight.cycle);
+    let committed = match sink.get(&key).await {
+        Ok(bytes) => {
+            let expect = Expect {
+                disk_id: disk,
+                cycle: inflight.cycle,
+                attempt: Some(inflight.attempt),
+                seq: None,
+                tag: None,
+            };
+            match format::decode_manifest(disk_key, &bytes, &expect) {
+                Ok((_, manifest)) => {
+                    let bitmap = SectorBitmap::decode(&manifest.bitmap)?;
+                    src.dir
+                        .write_bitmap(&pending_file(inflight.cycle), &bitmap)?;
+                    true
+                }
+                Err(e) => return Err(Error::Object { key, source: e }),
+            }
+        }
+        Err(e) if e.is_not_found() => false,
+        Err(e) => return Err(e.into()),
+    };
+    if committed {
+        src.state.pending.push(PendingCycle {
+            cycle: inflight.cycle,
+            base_cycle: inflight.base_cycle,
+        });
+        src.state.next_cycle = inflight.cycle + 1;
+    } else {
+        delete_cycle_objects(sink, &disk, inflight.cycle).await;
+    }
+    src.state.in_flight = None;
+    src.save()
+}
+
+/// One blob's worth of extents to read.
+fn plan_blobs(bitmap: &SectorBitmap, cfg: &ShipConfig) -> Vec<Vec<Extent>> {
+    let span_sectors = (cfg.blob_span_bytes_max / SECTOR_SIZE).max(1);
+    let mut groups = Vec::new();
+    let mut group: Vec<Extent> = Vec::new();
+    let mut group_sectors = 0u64;
+    for run in bitmap.extents() {
+        let mut start = run.start_sector;
+        let end = run.end_sector();
+        while start < end {
+            let room = span_sectors - group_sectors;
+            let take = room.min(end - start);
+            group.push(Extent::new(start, take));
+            group_sectors += take;
+            start += take;
+            if group_sectors == span_sectors || group.len() >= cfg.blob_extents_max {
+                groups.push(std::mem::take(&mut group));
+                group_sectors = 0;
+            }
+        }
+    }
+    if !group.is_empty() {
+        groups.push(group);
+    }
+    groups
+}
+
+/// Splits the data read for `extents` into data and zero extents at [`ZERO_DETECT_BYTES`]
+/// granularity, and gathers the data extents' bytes.
+fn classify(extents: &[Extent], buf: &[u8]) -> (Vec<BlobExtent>, Vec<u8>, u64) {
+    let mut out: Vec<BlobExtent> = Vec::new();
+    let mut data = Vec::with_capacity(buf.len());
+    let mut zero_bytes = 0u64;
+    let mut pos = 0usize;
+    let step = (ZERO_DETECT_BYTES / SECTOR_SIZE) as usize;
+    for e in extents {
+        let mut s = 0usize;
+        let n = e.sector_count as usize;
+        while s < n {
+            let k = step.min(n - s);
+            let bytes = &buf[pos + s * SECTOR_SIZE as usize..pos + (s + k) * SECTOR_SIZE as usize];
+            let kind = if bytes.iter().all(|&b| b == 0) {
+                zero_bytes += bytes.len() as u64;
+                ExtentKind::Zero
+            } else {
+                data.extend_from_slice(bytes);
+                ExtentKind::Data
+            };
+            let start = e.start_sector + s as u64;
+            match out.last_mut() {
+                Some(last)
+                    if last.kind == kind && last.start_sector + last.sector_count == start =>
+                {
+                    last.sector_count += k as u64;
+                }
+                _ => out.push(BlobExtent {
+                    start_sector: start,
+                    sector_count: k as u64,
+                    kind,
+                }),
+            }
+            s += k;
+        }
+        pos += n * SECTOR_SIZE as usize;
+    }
+    (out, data, zero_bytes)
+}
+
+struct EncodedBlob {
+    seq: u32,
+    bytes: Bytes,
+    tag: [u8; 16],
+    span_bytes: u64,
+    zero_bytes: u64,
+}
+
+/// Ships one cycle: the initial full copy if none was shipped yet, else a delta.
+pub async fn ship_cycle<D: BlockDevice + 'static>(
+    src: &mut Source<D>,
+    sink: &dyn Sink,
+    key: &MasterKey,
+    clock: &dyn Clock,
+    cfg: &ShipConfig,
+    progress: &dyn Progress,
+) -> Result<ShipReport> {
+    let started = clock.now();
+    let disk = src.disk_id;
+    let disk_key = key.disk_key(&disk);
+    settle_in_flight(src, sink, &disk_key).await?;
+    let (acked, carried) = sync_acks(src, sink, &disk_key).await?;
+    if src.state.pending.len() >= cfg.unacked_cycles_max {
+        return Err(Error::InvalidInput(format!(
+            "the target has not acknowledged the last {} cycles of disk {disk}; run hydrate on the \
+             target before shipping more",
+            src.state.pending.len()
+        )));
+    }
+    let cycle = src.state.next_cycle;
+    let initial = cycle == 1;
+    if initial {
+        src.tracker.mark_all()?;
+    }
+    let base_cycle = src.chain_tip();
+    let frozen = src.tracker.freeze()?;
+    src.state.attempts += 1;
+    let attempt = src.state.attempts;
+    src.state.in_flight = Some(InFlightCycle {
+        cycle,
+        attempt,
+        base_cycle,
+    });
+    // Persist the attempt before anything is encrypted under it.
+    if let Err(e) = src.save() {
+        src.tracker.release(false)?;
+        return Err(e);
+    }
+    let result = write_cycle(
+        src,
+        sink,
+        &disk_key,
+        cycle,
+        attempt,
+        base_cycle,
+        &frozen.bitmap,
+        clock,
+        cfg,
+        progress,
+    )
+    .await;
+    match result {
+        Ok((blob_count, stored_bytes, zero_bytes)) => {
+            src.dir.write_bitmap(&pending_file(cycle), &frozen.bitmap)?;
+            src.state.pending.push(PendingCycle { cycle, base_cycle });
+            src.state.next_cycle = cycle + 1;
+            src.state.in_flight = None;
+            src.save()?;
+            src.tracker.release(true)?;
+            Ok(ShipReport {
+                cycle,
+                base_cycle,
+                initial,
+                epoch: frozen.epoch,
+                changed_sectors: frozen.bitmap.count(),
+                zero_bytes,
+                blob_count,
+                stored_bytes,
+                acked,
+                carried_from_failed: carried,
+                started,
+                finished: clock.now(),
+            })
+        }
+        Err(e) => {
+            // Nothing of this attempt is visible without its manifest; its sectors go back.
+            src.tracker.release(false)?;
+            delete_cycle_objects(sink, &disk, cycle).await;
+            src.state.in_flight = None;
+            src.save()?;
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn write_cycle<D: BlockDevice + 'static>(
+    src: &Source<D>,
+    sink: &dyn Sink,
+    disk_key: &DiskKey,
+    cycle: u64,
+    attempt: u64,
+    base_cycle: u64,
+    bitmap: &SectorBitmap,
+    clock: &dyn Clock,
+    cfg: &ShipConfig,
+    progress: &dyn Progress,
+) -> Result<(u32, u64, u64)> {
+    let disk = src.disk_id;
+    let salt = crate::error::fresh_salt()?;
+    let session = Arc::new(Session::new(disk_key, disk, cycle, attempt, salt));
+    let groups = plan_blobs(bitmap, cfg);
+    if groups.len() > u32::MAX as usize {
+        return Err(Error::InvalidInput(
+            "cycle needs more than 2^32 blobs".into(),
+        ));
+    }
+    progress.begin(
+        if cycle == 1 { "initial copy" } else { "delta" },
+        bitmap.count() * SECTOR_SIZE,
+    );
+
+    // Reading and encoding is blocking work on one thread; puts run concurrently here. The
+    // channel bounds the encoded blobs held in memory.
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<Result<EncodedBlob>>(cfg.blobs_queued_max.max(1));
+    let tracker = Arc::clone(&src.tracker);
+    let producer_session = Arc::clone(&session);
+    let level = cfg.zstd_level;
+    let producer = tokio::task::spawn_blocking(move || {
+        for (i, group) in groups.into_iter().enumerate() {
+            let seq = i as u32;
+            let encoded = (|| -> Result<EncodedBlob> {
+                let span: u64 = group.iter().map(Extent::len_bytes).sum();
+                let mut buf = vec![0u8; span as usize];
+                let mut pos = 0usize;
+                for e in &group {
+                    let n = e.len_bytes() as usize;
+                    tracker.read_frozen(&mut buf[pos..pos + n], e.offset_bytes())?;
+                    pos += n;
+                }
+                let (extents, data, zero_bytes) = classify(&group, &buf);
+                let obj = producer_session
+                    .encode_blob(seq, &extents, &data, level)
+                    .map_err(|e| Error::Object {
+                        key: layout::blob_key(&disk, cycle, attempt, seq),
+                        source: e,
+                    })?;
+                Ok(EncodedBlob {
+                    seq,
+                    bytes: obj.bytes,
+                    tag: obj.tag,
+                    span_bytes: span,
+                    zero_bytes,
+                })
+            })();
+            let failed = encoded.is_err();
+            if tx.blocking_send(encoded).is_err() || failed {
+                return;
+            }
+        }
+    });
+
+    let mut blobs: Vec<ManifestBlob> = Vec::new();
+    let mut stored_bytes = 0u64;
+    let mut zero_total = 0u64;
+    let mut failure: Option<Error> = None;
+    let sink_ref: &dyn Sink = sink;
+    // Puts borrow the sink, so they run as futures polled here rather than spawned tasks.
+    let mut in_flight: Vec<
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64>> + Send + '_>>,
+    > = Vec::new();
+    loop {
+        // Fill the put window.
+        while in_flight.len() < cfg.puts_in_flight_max.max(1) && failure.is_none() {
+            match rx.recv().await {
+                Some(Ok(blob)) => {
+                    let key = layout::blob_key(&disk, cycle, attempt, blob.seq);
+                    stored_bytes += blob.bytes.len() as u64;
+                    zero_total += blob.zero_bytes;
+                    blobs.push(ManifestBlob {
+                        seq: blob.seq,
+                        object_len: blob.bytes.len() as u64,
+                        tag: blob.tag,
+                        data_bytes: blob.span_bytes,
+                    });
+                    let span = blob.span_bytes;
+                    in_flight.push(Box::pin(async move {
+                        sink_ref.put(&key, blob.bytes, PutMode::Overwrite).await?;
+                        Ok(span)
+                    }));
+                }
+                Some(Err(e)) => failure = Some(e),
+                None => break,
+            }
+        }
+        if in_flight.is_empty() {
+            break;
+        }
+        let (done, _, rest) = futures_select_all(std::mem::take(&mut in_flight)).await;
+        in_flight = rest;
+        match done {
+            Ok(span) => progress.advance(span),
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+        if failure.is_some() {
+            break;
+        }
+    }
+    drop(rx);
+    drop(in_flight);
+    let _ = producer.await;
+    progress.end();
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    blobs.sort_by_key(|b| b.seq);
+    let manifest = Manifest {
+        base_cycle,
+        disk_bytes: src.state.disk_bytes,
+        blobs,
+        bitmap: bitmap.encode(),
+        created_unix_ms: clock.now().unix_ms(),
+    };
+    let obj = session
+        .encode_manifest(&manifest)
+        .map_err(|e| Error::Object {
+            key: layout::manifest_key(&disk, cycle),
+            source: e,
+        })?;
+    stored_bytes += obj.bytes.len() as u64;
+    sink.put(
+        &layout::manifest_key(&disk, cycle),
+        obj.bytes,
+        PutMode::Create,
+    )
+    .await?;
+    Ok((manifest.blobs.len() as u32, stored_bytes, zero_total))
+}
+
+/// Waits for the first of `futs` to finish; returns its output, its index and the others.
+async fn futures_select_all<T>(
+    mut futs: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + '_>>>,
+) -> (
+    T,
+    usize,
+    Vec<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + '_>>>,
+) {
+    let (out, idx) = std::future::poll_fn(|cx| {
+        for (i, f) in futs.iter_mut().enumerate() {
+            if let std::task::Poll::Ready(v) = f.as_mut().poll(cx) {
+                return std::task::Poll::Ready((v, i));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await;
+    drop(futs.swap_remove(idx));
+    (out, idx, futs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blobs_split_long_runs_and_respect_extent_limits() {
+        let mut b = SectorBitmap::new(100_000);
+        let _ = b.mark_sectors(0, 20_000);
+        let _ = b.mark_sectors(30_000, 10);
+        let cfg = ShipConfig {
+            blob_span_bytes_max: 8192 * 512,
+            ..ShipConfig::default()
+        };
+        let groups = plan_blobs(&b, &cfg);
+        let spans: Vec<u64> = groups
+            .iter()
+            .map(|g| g.iter().map(|e| e.sector_count).sum())
+            .collect();
+        assert_eq!(spans, vec![8192, 8192, 3626]);
+        let total: u64 = spans.iter().sum();
+        assert_eq!(total, b.count());
+    }
+
+    #[test]
+    fn zero_runs_carry_no_data() {
+        let extents = [Extent::new(0, 24)];
+        let mut buf = vec![0u8; 24 * 512];
+        buf[8 * 512] = 7; // the second 4 KiB block has data
+        let (out, data, zeros) = classify(&extents, &buf);
+        assert_eq!(
+            out,
+            vec![
+                BlobExtent {
+                    start_sector: 0,
+                    sector_count: 8,
+                    kind: ExtentKind::Zero
+                },
+                BlobExtent {
+                    start_sector: 8,
+                    sector_count: 8,
+                    kind: ExtentKind::Data
+                },
+                BlobExtent {
+                    start_sector: 16,
+                    sector_count: 8,
+                    kind: ExtentKind::Zero
+                },
+            ]
+        );
+        assert_eq!(data.len(), 8 * 512);
+        assert_eq!(zeros, 16 * 512);
+    }
+}

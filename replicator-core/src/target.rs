@@ -1,0 +1,617 @@
+//! The target side: hydrate committed cycles from the cache into the target disk, in order.
+//!
+//! For the next cycle (the lowest committed one whose base is the target's committed cycle):
+//!
+//! 1. **Verify everything first.** Fetch every blob the manifest lists, authenticate it (its GCM
+//!    tag must also be the one the manifest pins), decompress it and check its plaintext CRC32.
+//!    Verified blobs are staged, still encrypted, in the state directory. The extents of the
+//!    verified blobs must cover exactly the manifest's source bitmap (reconciliation before
+//!    writing). Any failure fails the cycle with nothing written.
+//! 2. **Write.** Mark the cycle as applying (persisted), then decode each staged blob again (its
+//!    checks are re-run right before its bytes are written) and write it through a tracker, so
+//!    the target's bitmap is what was really written.
+//! 3. **Reconcile** the target's bitmap with the source's. Only if equal is the committed cycle
+//!    advanced (persisted atomically) and an acknowledgement put in the cache.
+//!
+//! A cycle that fails verification or reconciliation is acknowledged as failed: the source
+//! carries its sectors into its next cycle, which applies on the same base. A crash at any point
+//! is repaired by running hydrate again: an applying cycle is re-applied from the cache.
+
+use std::path::{Path, PathBuf};
+
+use replicator_sink::{PutMode, Sink};
+
+use crate::bitmap::{Extent, SECTOR_SIZE, SectorBitmap};
+use crate::clock::{Clock, Timestamp};
+use crate::device::BlockDevice;
+use crate::error::{Error, ErrorKind, Result, first_extent_note};
+use crate::format::{self, Ack, AckStatus, DecodedBlob, Expect, ExtentKind, Manifest, Session};
+use crate::keys::{DiskId, DiskKey, MasterKey};
+use crate::layout;
+use crate::progress::Progress;
+use crate::state::{STATE_VERSION, StateDir, TARGET_FILE, TargetState};
+use crate::tracker::{CbtTracker, TrackerConfig};
+
+const STAGING_DIR: &str = "staging";
+/// Bytes of zeros written per call for a zero extent.
+const ZERO_WRITE_BYTES: usize = 1 << 20;
+
+/// Settings of hydration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HydrateConfig {
+    /// Cycles applied in one call, at most (0 = no limit).
+    pub cycles_max: u64,
+}
+
+impl Default for HydrateConfig {
+    fn default() -> Self {
+        HydrateConfig { cycles_max: 0 }
+    }
+}
+
+/// One cycle applied and committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedCycle {
+    /// The cycle.
+    pub cycle: u64,
+    /// Its base.
+    pub base_cycle: u64,
+    /// Sectors written (equal to the source's changed sectors, by reconciliation).
+    pub sectors_written: u64,
+    /// Blob bytes read from the cache.
+    pub blob_bytes: u64,
+    /// Blobs read.
+    pub blob_count: u32,
+    /// When applying started and ended.
+    pub started: Timestamp,
+    /// See `started`.
+    pub finished: Timestamp,
+}
+
+/// A cycle that failed here.
+#[derive(Debug)]
+pub struct FailedCycle {
+    /// The cycle.
+    pub cycle: u64,
+    /// Why, naming the blob, extent and check.
+    pub error: Error,
+}
+
+/// What [`hydrate`] did.
+#[derive(Debug)]
+pub struct HydrateReport {
+    /// Cycles applied, in order.
+    pub applied: Vec<AppliedCycle>,
+    /// The cycle that failed, if one did (hydration stops there).
+    pub failed: Option<FailedCycle>,
+    /// The committed cycle at the end.
+    pub committed_cycle: u64,
+    /// Newer cycles in the cache that cannot be applied yet (their base was never committed
+    /// here, typically because an earlier cycle failed and the source has not resent it).
+    pub waiting_cycles: Vec<u64>,
+}
+
+/// The target side of one disk.
+#[derive(Debug)]
+pub struct Target<D: BlockDevice> {
+    dir: StateDir,
+    state: TargetState,
+    disk_id: DiskId,
+    tracker: CbtTracker<D>,
+}
+
+/// The disks that have objects in the cache.
+pub async fn discover_disks(sink: &dyn Sink) -> Result<Vec<DiskId>> {
+    let mut disks: Vec<DiskId> = sink
+        .list("disks/")
+        .await?
+        .iter()
+        .filter_map(|m| layout::disk_of_key(&m.key))
+        .collect();
+    disks.dedup();
+    Ok(disks)
+}
+
+impl<D: BlockDevice> Target<D> {
+    /// Opens (or starts) the target side of `disk` in `state_path`, writing to `device`.
+    pub fn open(state_path: &Path, device: D, disk: DiskId) -> Result<Self> {
+        let dir = StateDir::open(state_path)?;
+        let state = match dir.read_json::<TargetState>(TARGET_FILE)? {
+            Some(s) => {
+                if s.version != STATE_VERSION {
+                    return Err(Error::state(
+                        dir.file(TARGET_FILE),
+                        format!("unsupported version {}", s.version),
+                    ));
+                }
+                if s.disk_id != disk.to_string() {
+                    return Err(Error::InvalidInput(format!(
+                        "target state {} belongs to disk {}, not {disk}; use that disk's state directory",
+                        state_path.display(),
+                        s.disk_id
+                    )));
+                }
+                s
+            }
+            None => {
+                let s = TargetState {
+                    version: STATE_VERSION,
+                    disk_id: disk.to_string(),
+                    committed_cycle: 0,
+                    committed_unix_ms: 0,
+                    committed_acked: true,
+                    applying_cycle: None,
+                    failed_cycles: Vec::new(),
+                };
+                dir.write_json(TARGET_FILE, &s)?;
+                s
+            }
+        };
+        Ok(Target {
+            dir,
+            state,
+            disk_id: disk,
+            tracker: CbtTracker::in_memory(device, TrackerConfig::default()),
+        })
+    }
+
+    /// The persisted state.
+    pub fn state(&self) -> &TargetState {
+        &self.state
+    }
+
+    /// The target device.
+    pub fn device(&self) -> &D {
+        self.tracker.device()
+    }
+
+    /// The disk's id.
+    pub fn disk_id(&self) -> DiskId {
+        self.disk_id
+    }
+
+    fn save(&self) -> Result<()> {
+        self.dir.write_json(TARGET_FILE, &self.state)
+    }
+
+    fn staging(&self, cycle: u64) -> PathBuf {
+        self.dir.file(STAGING_DIR).join(cycle.to_string())
+    }
+}
+
+/// The cycles in the cache newer than the committed one: (cycle, manifest) for those that decode.
+/// Manifests that fail verification are returned as failures.
+async fn candidates(
+    sink: &dyn Sink,
+    disk_key: &DiskKey,
+    disk: &DiskId,
+    after: u64,
+) -> Result<Vec<(u64, std::result::Result<(u64, Manifest), Error>)>> {
+    let mut out = Vec::new();
+    for meta in sink.list(&layout::manifests_prefix(disk)).await? {
+        let Some(cycle) = layout::cycle_of_key(&meta.key) else {
+            continue;
+        };
+        if cycle <= after {
+            continue;
+        }
+        let bytes = sink.get(&meta.key).await?;
+        let expect = Expect {
+            disk_id: *disk,
+            cycle,
+            attempt: None,
+            seq: None,
+            tag: None,
+        };
+        let decoded = match format::decode_manifest(disk_key, &bytes, &expect) {
+            Ok((header, manifest)) => Ok((header.attempt, manifest)),
+            // A wrong key is the operator's to fix, not the cycle's fault.
+            Err(e) if e.is_wrong_key() => {
+                return Err(Error::Object {
+                    key: meta.key,
+                    source: e,
+                });
+            }
+            Err(e) => Err(Error::Object {
+                key: meta.key.clone(),
+                source: e,
+            }),
+        };
+        out.push((cycle, decoded));
+    }
+    Ok(out)
+}
+
+/// Applies every committed cycle not yet applied, in order, stopping at the first failure.
+pub async fn hydrate<D: BlockDevice>(
+    t: &mut Target<D>,
+    sink: &dyn Sink,
+    key: &MasterKey,
+    clock: &dyn Clock,
+    cfg: &HydrateConfig,
+    progress: &dyn Progress,
+) -> Result<HydrateReport> {
+    let disk = t.disk_id;
+    let disk_key = key.disk_key(&disk);
+    let mut report = HydrateReport {
+        applied: Vec::new(),
+        failed: None,
+        committed_cycle: t.state.committed_cycle,
+        waiting_cycles: Vec::new(),
+    };
+    if !t.state.committed_acked {
+        put_ack(
+            t,
+            sink,
+            &disk_key,
+            t.state.committed_cycle,
+            AckStatus::Applied,
+            t.tracker.size_bytes() / SECTOR_SIZE,
+            "applied",
+        )
+        .await?;
+        t.state.committed_acked = true;
+        t.save()?;
+    }
+    loop {
+        if cfg.cycles_max != 0 && report.applied.len() as u64 >= cfg.cycles_max {
+            break;
+        }
+        let committed = t.state.committed_cycle;
+        let found = candidates(sink, &disk_key, &disk, committed).await?;
+        let mut next = None;
+        report.waiting_cycles.clear();
+        for (cycle, decoded) in found {
+            if t.state.failed_cycles.contains(&cycle) {
+                continue;
+            }
+            match decoded {
+                Ok((attempt, manifest)) if manifest.base_cycle == committed => {
+                    next = Some((cycle, attempt, manifest));
+                    break;
+                }
+                Ok(_) => report.waiting_cycles.push(cycle),
+                Err(error) => {
+                    // A manifest that fails authentication: the cycle failed.
+                    fail_cycle(t, sink, &disk_key, cycle, &error).await?;
+                    report.failed = Some(FailedCycle { cycle, error });
+                    report.committed_cycle = t.state.committed_cycle;
+                    return Ok(report);
+                }
+            }
+        }
+        let Some((cycle, attempt, manifest)) = next else {
+            break;
+        };
+        match apply_cycle(
+            t, sink, &disk_key, cycle, attempt, &manifest, clock, progress,
+        )
+        .await
+        {
+            Ok(applied) => report.applied.push(applied),
+            Err(error) if error.kind() == ErrorKind::CycleFailed => {
+                fail_cycle(t, sink, &disk_key, cycle, &error).await?;
+                report.failed = Some(FailedCycle { cycle, error });
+                break;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    report.committed_cycle = t.state.committed_cycle;
+    Ok(report)
+}
+
+async fn put_ack<D: BlockDevice>(
+    t: &Target<D>,
+    sink: &dyn Sink,
+    disk_key: &DiskKey,
+    cycle: u64,
+    status: AckStatus,
+    sectors_written: u64,
+    message: &str,
+) -> Result<()> {
+    if cycle == 0 {
+        return Ok(());
+    }
+    let salt = crate::error::fresh_salt()?;
+    let session = Session::new(disk_key, t.disk_id, cycle, 0, salt);
+    let mut message = message.to_owned();
+    if message.len() > 4000 {
+        let mut cut = 4000;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+    let ack = Ack {
+        status,
+        sectors_written,
+        message,
+    };
+    let key = layout::ack_key(&t.disk_id, cycle);
+    let obj = session.encode_ack(&ack).map_err(|e| Error::Object {
+        key: key.clone(),
+        source: e,
+    })?;
+    sink.put(&key, obj.bytes, PutMode::Overwrite).await?;
+    Ok(())
+}
+
+async fn fail_cycle<D: BlockDevice>(
+    t: &mut Target<D>,
+    sink: &dyn Sink,
+    disk_key: &DiskKey,
+    cycle: u64,
+    error: &Error,
+) -> Result<()> {
+    tracing::warn!(cycle, error = %error, "cycle failed on the target");
+    if !t.state.failed_cycles.contains(&cycle) {
+        t.state.failed_cycles.push(cycle);
+    }
+    t.save()?;
+    let _ = std::fs::remove_dir_all(t.staging(cycle));
+    put_ack(
+        t,
+        sink,
+        disk_key,
+        cycle,
+        AckStatus::Failed,
+        0,
+        &error.to_string(),
+    )
+    .await
+}
+
+fn blob_expect(disk: DiskId, cycle: u64, attempt: u64, seq: u32, tag: [u8; 16]) -> Expect {
+    Expect {
+        disk_id: disk,
+        cycle,
+        attempt: Some(attempt),
+        seq: Some(seq),
+        tag: Some(tag),
+    }
+}
+
+fn check_extents_fit(key: &str, blob: &DecodedBlob, disk_sectors: u64) -> Result<()> {
+    for (i, e) in blob.extents.iter().enumerate() {
+        let end = e.start_sector.checked_add(e.sector_count);
+        if end.is_none_or(|end| end > disk_sectors) {
+            return Err(Error::Manifest {
+                key: key.to_owned(),
+                detail: format!(
+                    "extent {i} (sectors {}+{}) lies past the end of the {disk_sectors}-sector disk",
+                    e.start_sector, e.sector_count
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn reconcile_error(
+    cycle: u64,
+    stage: &'static str,
+    verb: &'static str,
+    expected: &SectorBitmap,
+    got: &SectorBitmap,
+    cause: String,
+) -> Result<Error> {
+    let mut missing = expected.clone();
+    missing.difference_with(got)?;
+    let mut extra = got.clone();
+    extra.difference_with(expected)?;
+    Ok(Error::Reconcile {
+        cycle,
+        stage,
+        verb,
+        missing_sectors: missing.count(),
+        extra_sectors: extra.count(),
+        first_missing: first_extent_note(missing.extents().next()),
+        first_extra: first_extent_note(extra.extents().next()),
+        cause,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn apply_cycle<D: BlockDevice>(
+    t: &mut Target<D>,
+    sink: &dyn Sink,
+    disk_key: &DiskKey,
+    cycle: u64,
+    attempt: u64,
+    manifest: &Manifest,
+    clock: &dyn Clock,
+    progress: &dyn Progress,
+) -> Result<AppliedCycle> {
+    let started = clock.now();
+    let disk = t.disk_id;
+    let size = t.tracker.size_bytes();
+    if manifest.disk_bytes != size {
+        return Err(Error::InvalidInput(format!(
+            "target {} is {size} bytes but the source disk of cycle {cycle} is {} bytes; give a target of the same size",
+            t.tracker.name(),
+            manifest.disk_bytes
+        )));
+    }
+    let disk_sectors = size / SECTOR_SIZE;
+    let manifest_key = layout::manifest_key(&disk, cycle);
+    let expected = SectorBitmap::decode(&manifest.bitmap).map_err(|e| Error::Manifest {
+        key: manifest_key.clone(),
+        detail: format!("its source bitmap is invalid: {e}"),
+    })?;
+    if expected.disk_sectors() != disk_sectors {
+        return Err(Error::Manifest {
+            key: manifest_key,
+            detail: format!(
+                "its source bitmap is for {} sectors, the disk has {disk_sectors}",
+                expected.disk_sectors()
+            ),
+        });
+    }
+
+    // Phase 1: fetch and verify every blob; stage it; nothing is written to the target.
+    let staging = t.staging(cycle);
+    std::fs::create_dir_all(&staging)
+        .map_err(|e| Error::state_io(&staging, "cannot create the staging directory", e))?;
+    let total: u64 = manifest.blobs.iter().map(|b| b.object_len).sum();
+    progress.begin(&format!("verify cycle {cycle}"), total);
+    let mut covered = SectorBitmap::new(disk_sectors);
+    let mut unusable: Vec<String> = Vec::new();
+    let mut first_error: Option<Error> = None;
+    let mut blob_bytes = 0u64;
+    for b in &manifest.blobs {
+        let key = layout::blob_key(&disk, cycle, attempt, b.seq);
+        let verified = async {
+            let bytes = sink.get(&key).await?;
+            let blob = format::decode_blob(
+                disk_key,
+                &bytes,
+                &blob_expect(disk, cycle, attempt, b.seq, b.tag),
+            )
+            .map_err(|e| Error::Object {
+                key: key.clone(),
+                source: e,
+            })?;
+            check_extents_fit(&key, &blob, disk_sectors)?;
+            Ok::<_, Error>((bytes, blob))
+        }
+        .await;
+        match verified {
+            Ok((bytes, blob)) => {
+                for e in &blob.extents {
+                    covered.mark_extent(Extent::new(e.start_sector, e.sector_count))?;
+                }
+                let path = staging.join(b.seq.to_string());
+                std::fs::write(&path, &bytes)
+                    .map_err(|e| Error::state_io(&path, "cannot stage a blob", e))?;
+                blob_bytes += bytes.len() as u64;
+            }
+            Err(e) if e.kind() == ErrorKind::Transient || e.kind() == ErrorKind::Io => {
+                progress.end();
+                return Err(e);
+            }
+            Err(e) => {
+                unusable.push(format!("{e}"));
+                first_error.get_or_insert(e);
+            }
+        }
+        progress.advance(b.object_len);
+    }
+    progress.end();
+    if covered != expected {
+        let cause = if unusable.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; nothing was written; unusable blobs: {}",
+                unusable.join("; ")
+            )
+        };
+        return Err(reconcile_error(
+            cycle,
+            "before writing",
+            "covered by verified blobs",
+            &expected,
+            &covered,
+            cause,
+        )?);
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+
+    // Phase 2: write, re-checking each blob right before its bytes go out.
+    t.state.applying_cycle = Some(cycle);
+    t.save()?;
+    let _ = t.tracker.take_current();
+    progress.begin(
+        &format!("apply cycle {cycle}"),
+        expected.count() * SECTOR_SIZE,
+    );
+    let zeros = vec![0u8; ZERO_WRITE_BYTES];
+    for b in &manifest.blobs {
+        let key = layout::blob_key(&disk, cycle, attempt, b.seq);
+        let path = staging.join(b.seq.to_string());
+        let bytes = std::fs::read(&path)
+            .map_err(|e| Error::state_io(&path, "cannot read a staged blob", e))?;
+        let blob = format::decode_blob(
+            disk_key,
+            &bytes,
+            &blob_expect(disk, cycle, attempt, b.seq, b.tag),
+        )
+        .map_err(|e| Error::Object {
+            key: key.clone(),
+            source: e,
+        })?;
+        check_extents_fit(&key, &blob, disk_sectors)?;
+        let mut data_pos = 0usize;
+        for e in &blob.extents {
+            let len = (e.sector_count * SECTOR_SIZE) as usize;
+            let offset = e.start_sector * SECTOR_SIZE;
+            match e.kind {
+                ExtentKind::Data => {
+                    let chunk =
+                        blob.data
+                            .get(data_pos..data_pos + len)
+                            .ok_or_else(|| Error::Manifest {
+                                key: key.clone(),
+                                detail: "its data is shorter than its extents".into(),
+                            })?;
+                    t.tracker.write_at(chunk, offset)?;
+                    data_pos += len;
+                }
+                ExtentKind::Zero => {
+                    let mut done = 0usize;
+                    while done < len {
+                        let n = ZERO_WRITE_BYTES.min(len - done);
+                        t.tracker.write_at(&zeros[..n], offset + done as u64)?;
+                        done += n;
+                    }
+                }
+            }
+            progress.advance(len as u64);
+        }
+    }
+    t.tracker.flush()?;
+    progress.end();
+
+    // Phase 3: reconcile what was really written with what the source said changed.
+    let written = t.tracker.take_current();
+    if written != expected {
+        return Err(reconcile_error(
+            cycle,
+            "after writing",
+            "written",
+            &expected,
+            &written,
+            String::new(),
+        )?);
+    }
+    t.state.committed_cycle = cycle;
+    t.state.committed_unix_ms = clock.now().unix_ms();
+    t.state.applying_cycle = None;
+    t.state.committed_acked = false;
+    t.save()?;
+    let _ = std::fs::remove_dir_all(&staging);
+    put_ack(
+        t,
+        sink,
+        disk_key,
+        cycle,
+        AckStatus::Applied,
+        written.count(),
+        "applied",
+    )
+    .await?;
+    t.state.committed_acked = true;
+    t.save()?;
+    Ok(AppliedCycle {
+        cycle,
+        base_cycle: manifest.base_cycle,
+        sectors_written: written.count(),
+        blob_bytes,
+        blob_count: manifest.blobs.len() as u32,
+        started,
+        finished: clock.now(),
+    })
+}

@@ -1,0 +1,194 @@
+//! Shared set-up for the end-to-end tests: in-memory disks, a local cache, a simulated clock,
+//! and fault-injecting wrappers.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use replicator_core::clock::{SimClock, Timestamp};
+use replicator_core::device::{BlockDevice, DeviceError, DeviceOp, MemDevice};
+use replicator_core::keys::MasterKey;
+use replicator_core::progress::NoProgress;
+use replicator_core::source::{ship_cycle, ShipConfig, ShipReport, Source};
+use replicator_core::target::{hydrate, HydrateConfig, HydrateReport, Target};
+use replicator_core::tracker::TrackerConfig;
+use replicator_sink::{LocalDirSink, ObjectMeta, PutMode, Sink, SinkError, SinkErrorKind};
+
+pub const DISK_BYTES: u64 = 8 << 20;
+
+/// A device that fails every write once its byte budget is spent (a crash mid-apply).
+#[derive(Debug)]
+pub struct FailingDevice {
+    pub inner: Arc<MemDevice>,
+    pub write_budget: AtomicI64,
+}
+
+impl FailingDevice {
+    pub fn new(inner: Arc<MemDevice>, budget: i64) -> Self {
+        FailingDevice {
+            inner,
+            write_budget: AtomicI64::new(budget),
+        }
+    }
+}
+
+impl BlockDevice for FailingDevice {
+    fn name(&self) -> &str {
+        "failing"
+    }
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        let left = self.write_budget.fetch_sub(buf.len() as i64, Ordering::SeqCst);
+        if left < buf.len() as i64 {
+            return Err(DeviceError::new("failing", DeviceOp::Write, offset, buf.len() as u64, "simulated crash"));
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+}
+
+/// A sink that fails puts whose key contains a marker, a given number of times.
+#[derive(Debug)]
+pub struct FaultySink {
+    pub inner: LocalDirSink,
+    pub fail_put: Mutex<Option<(String, u32)>>,
+}
+
+impl FaultySink {
+    pub fn fail_puts_matching(&self, marker: &str, times: u32) {
+        if let Ok(mut f) = self.fail_put.lock() {
+            *f = Some((marker.to_owned(), times));
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for FaultySink {
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), SinkError> {
+        let fail = {
+            let mut guard = self.fail_put.lock().map_err(|_| SinkError::new(SinkErrorKind::Permanent, "put", key, "poisoned"))?;
+            match guard.as_mut() {
+                Some((marker, times)) if key.contains(marker.as_str()) && *times > 0 => {
+                    *times -= 1;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if fail {
+            return Err(SinkError::new(SinkErrorKind::Transient, "put", key, "injected fault"));
+        }
+        self.inner.put(key, data, mode).await
+    }
+    async fn get(&self, key: &str) -> Result<Bytes, SinkError> {
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, SinkError> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), SinkError> {
+        self.inner.delete(key).await
+    }
+    fn describe(&self) -> String {
+        format!("faulty({})", self.inner.describe())
+    }
+}
+
+/// One replication set-up: a source and a target disk in memory, state in a temporary directory.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub src_disk: Arc<MemDevice>,
+    pub tgt_disk: Arc<MemDevice>,
+    pub sink: Arc<FaultySink>,
+    pub key: MasterKey,
+    pub clock: SimClock,
+    pub source: Source<Arc<MemDevice>>,
+    pub target: Option<Target<Arc<MemDevice>>>,
+    pub rng: ChaCha8Rng,
+}
+
+impl World {
+    pub fn new(seed: u64) -> anyhow::Result<World> {
+        let dir = tempfile::tempdir()?;
+        let src_disk = Arc::new(MemDevice::new("source", DISK_BYTES));
+        let tgt_disk = Arc::new(MemDevice::new("target", DISK_BYTES));
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        // Some content before replication starts: random, text-like and zero regions.
+        let mut buf = vec![0u8; 256 << 10];
+        for chunk in 0..(DISK_BYTES / buf.len() as u64) {
+            match chunk % 3 {
+                0 => rng.fill_bytes(&mut buf),
+                1 => buf.iter_mut().enumerate().for_each(|(i, b)| *b = b"replica "[i % 8]),
+                _ => continue,
+            }
+            src_disk.write_at(&buf, chunk * buf.len() as u64)?;
+        }
+        let sink = Arc::new(FaultySink {
+            inner: LocalDirSink::create(dir.path().join("cache"))?,
+            fail_put: Mutex::new(None),
+        });
+        let key = MasterKey::from_bytes([7u8; 32]);
+        let (source, _) = Source::open(&dir.path().join("src-state"), Arc::clone(&src_disk), TrackerConfig::default())?;
+        let target = Target::open(&dir.path().join("tgt-state"), Arc::clone(&tgt_disk), source.disk_id())?;
+        Ok(World {
+            dir,
+            src_disk,
+            tgt_disk,
+            sink,
+            key,
+            clock: SimClock::new(Timestamp::from_unix_ms(1_700_000_000_000)),
+            source,
+            target: Some(target),
+            rng,
+        })
+    }
+
+    pub async fn ship(&mut self) -> anyhow::Result<ShipReport> {
+        Ok(ship_cycle(&mut self.source, self.sink.as_ref(), &self.key, &self.clock, &ShipConfig::default(), &NoProgress).await?)
+    }
+
+    pub async fn hydrate(&mut self) -> anyhow::Result<HydrateReport> {
+        let target = self.target.as_mut().ok_or_else(|| anyhow::anyhow!("no target"))?;
+        Ok(hydrate(target, self.sink.as_ref(), &self.key, &self.clock, &HydrateConfig::default(), &NoProgress).await?)
+    }
+
+    /// Random writes of 512 B to 64 KiB, some unaligned, through the source's tracker.
+    pub fn churn(&mut self, writes: usize) -> anyhow::Result<()> {
+        for _ in 0..writes {
+            let len = self.rng.random_range(1..=64 * 1024u64);
+            let off = self.rng.random_range(0..DISK_BYTES - len);
+            let mut data = vec![0u8; len as usize];
+            if self.rng.random_bool(0.8) {
+                self.rng.fill_bytes(&mut data);
+            }
+            self.source.tracker().write_at(&data, off)?;
+        }
+        Ok(())
+    }
+
+    pub fn identical(&self) -> bool {
+        self.src_disk.snapshot() == self.tgt_disk.snapshot()
+    }
+
+    pub fn cache_path(&self) -> &Path {
+        self.sink.inner.root()
+    }
+
+    /// The keys of blobs of `cycle` in the cache.
+    pub async fn blob_keys(&self, cycle: u64) -> anyhow::Result<Vec<String>> {
+        let prefix = replicator_core::layout::cycle_blobs_prefix(&self.source.disk_id(), cycle);
+        Ok(self.sink.list(&prefix).await?.into_iter().map(|m| m.key).collect())
+    }
+}

@@ -1,0 +1,232 @@
+//! The local-directory sink: each object is a file under a root directory, its key the relative
+//! path. Puts write a temporary file under `<root>/.tmp/`, fsync it, then rename it into place
+//! (or hard-link it, for [`PutMode::Create`], which fails atomically if the name exists) and fsync
+//! the directory, so an object is either wholly there and durable or not there at all.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::key::{validate_key, validate_prefix};
+use crate::{ObjectMeta, PutMode, Sink, SinkError, SinkErrorKind};
+
+const TMP_DIR: &str = ".tmp";
+
+/// A sink on a local directory (the embedded default).
+#[derive(Debug, Clone)]
+pub struct LocalDirSink {
+    root: Arc<PathBuf>,
+}
+
+impl LocalDirSink {
+    /// Opens the sink at `root`, creating the directory if it does not exist.
+    pub fn create(root: impl AsRef<Path>) -> Result<Self, SinkError> {
+        let root = root.as_ref().to_path_buf();
+        let shown = root.display().to_string();
+        fs::create_dir_all(root.join(TMP_DIR)).map_err(|e| SinkError::io("open", &shown, e))?;
+        let meta = fs::metadata(&root).map_err(|e| SinkError::io("open", &shown, e))?;
+        if !meta.is_dir() {
+            return Err(SinkError::new(
+                SinkErrorKind::InvalidConfig,
+                "open",
+                &shown,
+                "the sink path is not a directory",
+            ));
+        }
+        Ok(LocalDirSink {
+            root: Arc::new(root),
+        })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The file that holds the object under `key` (the key must be valid).
+    pub fn path_of(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    async fn blocking<T, F>(&self, op: &'static str, key: &str, f: F) -> Result<T, SinkError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Path) -> Result<T, SinkError> + Send + 'static,
+    {
+        let root = Arc::clone(&self.root);
+        tokio::task::spawn_blocking(move || f(&root))
+            .await
+            .map_err(|e| SinkError::new(SinkErrorKind::Permanent, op, key, e.to_string()))?
+    }
+}
+
+fn tmp_name() -> Result<String, io::Error> {
+    let mut raw = [0u8; 12];
+    getrandom::fill(&mut raw).map_err(|e| io::Error::other(e.to_string()))?;
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(hex)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn put_blocking(root: &Path, key: &str, data: &[u8], mode: PutMode) -> Result<(), SinkError> {
+    let io_err = |e| SinkError::io("put", key, e);
+    if !root.join(TMP_DIR).is_dir() {
+        return Err(SinkError::new(
+            SinkErrorKind::Permanent,
+            "put",
+            key,
+            format!(
+                "the sink directory {} is gone or unreadable",
+                root.display()
+            ),
+        ));
+    }
+    let final_path = root.join(key);
+    let parent = final_path.parent().unwrap_or(root).to_path_buf();
+    if !parent.is_dir() {
+        fs::create_dir_all(&parent).map_err(io_err)?;
+        // Make the new directory entries durable up to the root.
+        let mut dir = parent.as_path();
+        while let Some(up) = dir.parent() {
+            sync_dir(up).map_err(io_err)?;
+            if up == root {
+                break;
+            }
+            dir = up;
+        }
+    }
+    let tmp = root.join(TMP_DIR).join(tmp_name().map_err(io_err)?);
+    let result = (|| {
+        let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        file.write_all(data)?;
+        file.sync_all()?;
+        drop(file);
+        match mode {
+            PutMode::Overwrite => fs::rename(&tmp, &final_path),
+            PutMode::Create => {
+                let linked = fs::hard_link(&tmp, &final_path);
+                fs::remove_file(&tmp)?;
+                linked
+            }
+        }
+    })();
+    if result.is_err() {
+        // Best effort: a leftover temporary file is invisible to readers and listing.
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(io_err)?;
+    sync_dir(&parent).map_err(io_err)
+}
+
+fn get_blocking(root: &Path, key: &str) -> Result<Bytes, SinkError> {
+    let mut file = File::open(root.join(key)).map_err(|e| SinkError::io("get", key, e))?;
+    let mut buf = Vec::new();
+    file.read_to_end(&mut buf)
+        .map_err(|e| SinkError::io("get", key, e))?;
+    Ok(Bytes::from(buf))
+}
+
+fn list_blocking(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>, SinkError> {
+    // Start the walk at the deepest directory the prefix names completely.
+    let start_rel = match prefix.rfind('/') {
+        Some(i) => &prefix[..i],
+        None => "",
+    };
+    let start = if start_rel.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(start_rel)
+    };
+    let mut out = Vec::new();
+    let mut stack = vec![(start, start_rel.to_owned())];
+    while let Some((dir, rel)) = stack.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(SinkError::io("list", prefix, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| SinkError::io("list", prefix, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') {
+                continue;
+            }
+            let key = if rel.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let file_type = entry
+                .file_type()
+                .map_err(|e| SinkError::io("list", prefix, e))?;
+            if file_type.is_dir() {
+                // Descend only where keys below can still match the prefix.
+                let dir_key = format!("{key}/");
+                if dir_key.starts_with(prefix) || prefix.starts_with(&dir_key) {
+                    stack.push((entry.path(), key));
+                }
+            } else if file_type.is_file() && key.starts_with(prefix) {
+                let size_bytes = entry
+                    .metadata()
+                    .map_err(|e| SinkError::io("list", prefix, e))?
+                    .len();
+                out.push(ObjectMeta { key, size_bytes });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
+fn delete_blocking(root: &Path, key: &str) -> Result<(), SinkError> {
+    match fs::remove_file(root.join(key)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(SinkError::io("delete", key, e)),
+    }
+}
+
+#[async_trait]
+impl Sink for LocalDirSink {
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), SinkError> {
+        validate_key("put", key)?;
+        let owned = key.to_owned();
+        self.blocking("put", key, move |root| {
+            put_blocking(root, &owned, &data, mode)
+        })
+        .await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, SinkError> {
+        validate_key("get", key)?;
+        let owned = key.to_owned();
+        self.blocking("get", key, move |root| get_blocking(root, &owned))
+            .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, SinkError> {
+        validate_prefix(prefix)?;
+        let owned = prefix.to_owned();
+        self.blocking("list", prefix, move |root| list_blocking(root, &owned))
+            .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), SinkError> {
+        validate_key("delete", key)?;
+        let owned = key.to_owned();
+        self.blocking("delete", key, move |root| delete_blocking(root, &owned))
+            .await
+    }
+
+    fn describe(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+}
