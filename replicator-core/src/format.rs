@@ -675,6 +675,16 @@ fn open(
 ) -> Result<(ObjectHeader, Vec<u8>), FormatError> {
     let (header, stored_nonce) = parse_header(bytes, Some(kind))?;
 
+    // The disk id comes first: the key id is per disk, so an object of another disk would
+    // otherwise be misreported as a wrong key file.
+    if header.disk_id != expect.disk_id {
+        return Err(misplaced(
+            "disk_id",
+            expect.disk_id.to_string(),
+            header.disk_id.to_string(),
+        ));
+    }
+
     let key_id = key.key_id();
     if header.key_id != key_id {
         return Err(FormatError::WrongKey {
@@ -706,13 +716,6 @@ fn open(
             payload_len: len64(payload.len()),
         })?;
 
-    if header.disk_id != expect.disk_id {
-        return Err(misplaced(
-            "disk_id",
-            expect.disk_id.to_string(),
-            header.disk_id.to_string(),
-        ));
-    }
     if header.cycle != expect.cycle {
         return Err(misplaced(
             "cycle",

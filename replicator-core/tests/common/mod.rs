@@ -14,8 +14,8 @@ use replicator_core::clock::{SimClock, Timestamp};
 use replicator_core::device::{BlockDevice, DeviceError, DeviceOp, MemDevice};
 use replicator_core::keys::MasterKey;
 use replicator_core::progress::NoProgress;
-use replicator_core::source::{ship_cycle, ShipConfig, ShipReport, Source};
-use replicator_core::target::{hydrate, HydrateConfig, HydrateReport, Target};
+use replicator_core::source::{ShipConfig, ShipReport, Source, ship_cycle};
+use replicator_core::target::{HydrateConfig, HydrateReport, Target, hydrate};
 use replicator_core::tracker::TrackerConfig;
 use replicator_sink::{LocalDirSink, ObjectMeta, PutMode, Sink, SinkError, SinkErrorKind};
 
@@ -48,9 +48,17 @@ impl BlockDevice for FailingDevice {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
-        let left = self.write_budget.fetch_sub(buf.len() as i64, Ordering::SeqCst);
+        let left = self
+            .write_budget
+            .fetch_sub(buf.len() as i64, Ordering::SeqCst);
         if left < buf.len() as i64 {
-            return Err(DeviceError::new("failing", DeviceOp::Write, offset, buf.len() as u64, "simulated crash"));
+            return Err(DeviceError::new(
+                "failing",
+                DeviceOp::Write,
+                offset,
+                buf.len() as u64,
+                "simulated crash",
+            ));
         }
         self.inner.write_at(buf, offset)
     }
@@ -78,7 +86,10 @@ impl FaultySink {
 impl Sink for FaultySink {
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), SinkError> {
         let fail = {
-            let mut guard = self.fail_put.lock().map_err(|_| SinkError::new(SinkErrorKind::Permanent, "put", key, "poisoned"))?;
+            let mut guard = self
+                .fail_put
+                .lock()
+                .map_err(|_| SinkError::new(SinkErrorKind::Permanent, "put", key, "poisoned"))?;
             match guard.as_mut() {
                 Some((marker, times)) if key.contains(marker.as_str()) && *times > 0 => {
                     *times -= 1;
@@ -88,7 +99,12 @@ impl Sink for FaultySink {
             }
         };
         if fail {
-            return Err(SinkError::new(SinkErrorKind::Transient, "put", key, "injected fault"));
+            return Err(SinkError::new(
+                SinkErrorKind::Transient,
+                "put",
+                key,
+                "injected fault",
+            ));
         }
         self.inner.put(key, data, mode).await
     }
@@ -117,6 +133,8 @@ pub struct World {
     pub source: Source<Arc<MemDevice>>,
     pub target: Option<Target<Arc<MemDevice>>>,
     pub rng: ChaCha8Rng,
+    /// Small blobs, so that a delta spreads over several.
+    pub ship_cfg: ShipConfig,
 }
 
 impl World {
@@ -130,7 +148,10 @@ impl World {
         for chunk in 0..(DISK_BYTES / buf.len() as u64) {
             match chunk % 3 {
                 0 => rng.fill_bytes(&mut buf),
-                1 => buf.iter_mut().enumerate().for_each(|(i, b)| *b = b"replica "[i % 8]),
+                1 => buf
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, b)| *b = b"replica "[i % 8]),
                 _ => continue,
             }
             src_disk.write_at(&buf, chunk * buf.len() as u64)?;
@@ -140,8 +161,16 @@ impl World {
             fail_put: Mutex::new(None),
         });
         let key = MasterKey::from_bytes([7u8; 32]);
-        let (source, _) = Source::open(&dir.path().join("src-state"), Arc::clone(&src_disk), TrackerConfig::default())?;
-        let target = Target::open(&dir.path().join("tgt-state"), Arc::clone(&tgt_disk), source.disk_id())?;
+        let (source, _) = Source::open(
+            &dir.path().join("src-state"),
+            Arc::clone(&src_disk),
+            TrackerConfig::default(),
+        )?;
+        let target = Target::open(
+            &dir.path().join("tgt-state"),
+            Arc::clone(&tgt_disk),
+            source.disk_id(),
+        )?;
         Ok(World {
             dir,
             src_disk,
@@ -152,16 +181,39 @@ impl World {
             source,
             target: Some(target),
             rng,
+            ship_cfg: ShipConfig {
+                blob_span_bytes_max: 256 << 10,
+                ..ShipConfig::default()
+            },
         })
     }
 
     pub async fn ship(&mut self) -> anyhow::Result<ShipReport> {
-        Ok(ship_cycle(&mut self.source, self.sink.as_ref(), &self.key, &self.clock, &ShipConfig::default(), &NoProgress).await?)
+        Ok(ship_cycle(
+            &mut self.source,
+            self.sink.as_ref(),
+            &self.key,
+            &self.clock,
+            &self.ship_cfg,
+            &NoProgress,
+        )
+        .await?)
     }
 
     pub async fn hydrate(&mut self) -> anyhow::Result<HydrateReport> {
-        let target = self.target.as_mut().ok_or_else(|| anyhow::anyhow!("no target"))?;
-        Ok(hydrate(target, self.sink.as_ref(), &self.key, &self.clock, &HydrateConfig::default(), &NoProgress).await?)
+        let target = self
+            .target
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("no target"))?;
+        Ok(hydrate(
+            target,
+            self.sink.as_ref(),
+            &self.key,
+            &self.clock,
+            &HydrateConfig::default(),
+            &NoProgress,
+        )
+        .await?)
     }
 
     /// Random writes of 512 B to 64 KiB, some unaligned, through the source's tracker.
@@ -189,6 +241,12 @@ impl World {
     /// The keys of blobs of `cycle` in the cache.
     pub async fn blob_keys(&self, cycle: u64) -> anyhow::Result<Vec<String>> {
         let prefix = replicator_core::layout::cycle_blobs_prefix(&self.source.disk_id(), cycle);
-        Ok(self.sink.list(&prefix).await?.into_iter().map(|m| m.key).collect())
+        Ok(self
+            .sink
+            .list(&prefix)
+            .await?
+            .into_iter()
+            .map(|m| m.key)
+            .collect())
     }
 }
