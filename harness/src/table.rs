@@ -11,7 +11,8 @@ pub struct Row {
     pub blob_bytes: u64,
     pub ship: Duration,
     pub hydrate: Duration,
-    pub next_delta_in: Duration,
+    /// When the next delta would run by the schedule; `None` after the cutover.
+    pub next_delta_in: Option<Duration>,
     pub verified: Option<bool>,
 }
 
@@ -93,7 +94,11 @@ pub fn line(r: &Row) -> String {
         duration(r.ship),
         duration(r.hydrate),
         rate(r.changed_bytes, r.ship + r.hydrate),
-        format!("in {}", duration(r.next_delta_in)),
+        match r.next_delta_in {
+            None => "-".to_owned(),
+            Some(d) if d.is_zero() => "at once".to_owned(),
+            Some(d) => format!("in {}", duration(d)),
+        },
         verified
     )
 }
