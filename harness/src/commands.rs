@@ -196,10 +196,7 @@ pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
     let policy = SchedulePolicy::default();
     let mut sched = Scheduler::new(policy, clock.now(), source.state().next_cycle > 1);
     let mut interrupts = Box::pin(tokio::signal::ctrl_c());
-    loop {
-        let Next::Run { kind, at } = sched.next() else {
-            break;
-        };
+    while let Next::Run { kind, at } = sched.next() {
         if at > clock.now() {
             println!(
                 "next {kind:?} cycle in {}",

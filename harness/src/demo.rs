@@ -58,7 +58,7 @@ struct Disks {
 }
 
 fn make_disks(dir: &Path, size: u64, use_loop: bool) -> Result<Disks> {
-    if size == 0 || size % 512 != 0 {
+    if size == 0 || !size.is_multiple_of(512) {
         bail!(crate::commands::UsageError(format!(
             "--size {size} must be a positive multiple of 512 bytes"
         )));
@@ -184,9 +184,11 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
             }
         }
         let next_delta_in = if round == 0 {
-            Duration::ZERO
+            Some(Duration::ZERO)
+        } else if round == args.rounds + 1 {
+            None
         } else {
-            policy.delta_interval(ship_took)
+            Some(policy.delta_interval(ship_took))
         };
         let row = Row {
             cycle: shipped.cycle,

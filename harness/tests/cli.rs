@@ -5,16 +5,27 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn harness(args: &[&str]) -> anyhow::Result<Output> {
-    Ok(Command::new(env!("CARGO_BIN_EXE_harness")).args(args).output()?)
+    Ok(Command::new(env!("CARGO_BIN_EXE_harness"))
+        .args(args)
+        .output()?)
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn ok(args: &[&str]) -> anyhow::Result<String> {
     let o = harness(args)?;
-    anyhow::ensure!(o.status.success(), "harness {args:?} failed with {:?}:\n{}", o.status.code(), text(&o));
+    anyhow::ensure!(
+        o.status.success(),
+        "harness {args:?} failed with {:?}:\n{}",
+        o.status.code(),
+        text(&o)
+    );
     Ok(text(&o))
 }
 
@@ -31,7 +42,14 @@ fn s(p: &Path) -> String {
 fn separate_processes_ship_hydrate_verify_and_heal() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let (src, tgt, key, cache, sst, tst) = (d.join("src.img"), d.join("tgt.img"), d.join("key"), d.join("cache"), d.join("src-state"), d.join("tgt-state"));
+    let (src, tgt, key, cache, sst, tst) = (
+        d.join("src.img"),
+        d.join("tgt.img"),
+        d.join("key"),
+        d.join("cache"),
+        d.join("src-state"),
+        d.join("tgt-state"),
+    );
     for img in [&src, &tgt] {
         std::fs::File::create(img)?.set_len(16 << 20)?;
     }
@@ -40,34 +58,121 @@ fn separate_processes_ship_hydrate_verify_and_heal() -> anyhow::Result<()> {
     let (c, out) = code(&["keygen", "--out", &s(&key)])?;
     assert_eq!(c, 2, "keygen never overwrites: {out}");
 
-    ok(&["write", "--source", &s(&src), "--state", &s(&sst), "--pattern", "log", "--bytes", "1M"])?;
-    let out = ok(&["ship", "--source", &s(&src), "--sink", &s(&cache), "--state", &s(&sst), "--key-file", &s(&key)])?;
+    ok(&[
+        "write",
+        "--source",
+        &s(&src),
+        "--state",
+        &s(&sst),
+        "--pattern",
+        "log",
+        "--bytes",
+        "1M",
+    ])?;
+    let out = ok(&[
+        "ship",
+        "--source",
+        &s(&src),
+        "--sink",
+        &s(&cache),
+        "--state",
+        &s(&sst),
+        "--key-file",
+        &s(&key),
+    ])?;
     assert!(out.contains("shipped cycle 1 (initial"), "{out}");
-    let out = ok(&["hydrate", "--target", &s(&tgt), "--sink", &s(&cache), "--state", &s(&tst), "--key-file", &s(&key)])?;
+    let out = ok(&[
+        "hydrate",
+        "--target",
+        &s(&tgt),
+        "--sink",
+        &s(&cache),
+        "--state",
+        &s(&tst),
+        "--key-file",
+        &s(&key),
+    ])?;
     assert!(out.contains("applied cycle 1"), "{out}");
     ok(&["verify", "--source", &s(&src), "--target", &s(&tgt)])?;
 
     // A delta, corrupted in the cache: hydrate fails with exit 1 and names the blob.
-    ok(&["write", "--source", &s(&src), "--state", &s(&sst), "--pattern", "innodb", "--bytes", "2M", "--seed", "5"])?;
-    let out = ok(&["ship", "--source", &s(&src), "--sink", &s(&cache), "--state", &s(&sst), "--key-file", &s(&key)])?;
+    ok(&[
+        "write",
+        "--source",
+        &s(&src),
+        "--state",
+        &s(&sst),
+        "--pattern",
+        "innodb",
+        "--bytes",
+        "2M",
+        "--seed",
+        "5",
+    ])?;
+    let out = ok(&[
+        "ship",
+        "--source",
+        &s(&src),
+        "--sink",
+        &s(&cache),
+        "--state",
+        &s(&sst),
+        "--key-file",
+        &s(&key),
+    ])?;
     assert!(out.contains("shipped cycle 2 (delta"), "{out}");
-    let blob = walk_files(&cache.join("disks"))?.into_iter().find(|p| s(p).contains("/blobs/00000000000000000002/"));
+    let blob = walk_files(&cache.join("disks"))?
+        .into_iter()
+        .find(|p| s(p).contains("/blobs/00000000000000000002/"));
     let blob = blob.ok_or_else(|| anyhow::anyhow!("no blob of cycle 2 in the cache"))?;
     let mut bytes = std::fs::read(&blob)?;
     let mid = bytes.len() / 2;
     bytes[mid] ^= 1;
     std::fs::write(&blob, bytes)?;
-    let (c, out) = code(&["hydrate", "--target", &s(&tgt), "--sink", &s(&cache), "--state", &s(&tst), "--key-file", &s(&key)])?;
+    let (c, out) = code(&[
+        "hydrate",
+        "--target",
+        &s(&tgt),
+        "--sink",
+        &s(&cache),
+        "--state",
+        &s(&tst),
+        "--key-file",
+        &s(&key),
+    ])?;
     assert_eq!(c, 1, "{out}");
-    assert!(out.contains("cycle 2 FAILED") && out.contains("authentication failed"), "{out}");
+    assert!(
+        out.contains("cycle 2 FAILED") && out.contains("authentication failed"),
+        "{out}"
+    );
     let (c, out) = code(&["verify", "--source", &s(&src), "--target", &s(&tgt)])?;
     assert_eq!(c, 1, "{out}");
     assert!(out.contains("DIFFERENT") && out.contains("offset"), "{out}");
 
     // The next ship carries the failed cycle's sectors; hydrate heals.
-    let out = ok(&["ship", "--source", &s(&src), "--sink", &s(&cache), "--state", &s(&sst), "--key-file", &s(&key)])?;
+    let out = ok(&[
+        "ship",
+        "--source",
+        &s(&src),
+        "--sink",
+        &s(&cache),
+        "--state",
+        &s(&sst),
+        "--key-file",
+        &s(&key),
+    ])?;
     assert!(out.contains("failed on the target"), "{out}");
-    ok(&["hydrate", "--target", &s(&tgt), "--sink", &s(&cache), "--state", &s(&tst), "--key-file", &s(&key)])?;
+    ok(&[
+        "hydrate",
+        "--target",
+        &s(&tgt),
+        "--sink",
+        &s(&cache),
+        "--state",
+        &s(&tst),
+        "--key-file",
+        &s(&key),
+    ])?;
     let out = ok(&["verify", "--source", &s(&src), "--target", &s(&tgt)])?;
     assert!(out.contains("identical"), "{out}");
     let out = ok(&["status", "--state", &s(&tst), "--sink", &s(&cache)])?;
@@ -81,17 +186,50 @@ fn separate_processes_ship_hydrate_verify_and_heal() -> anyhow::Result<()> {
 fn bad_usage_and_bad_input_exit_2_with_a_clear_message() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let (c, out) = code(&["ship", "--source", "/nonexistent/disk", "--sink", &s(&d.join("c")), "--state", &s(&d.join("st")), "--key-file", "/nonexistent/key"])?;
+    let (c, out) = code(&[
+        "ship",
+        "--source",
+        "/nonexistent/disk",
+        "--sink",
+        &s(&d.join("c")),
+        "--state",
+        &s(&d.join("st")),
+        "--key-file",
+        "/nonexistent/key",
+    ])?;
     assert_eq!(c, 2, "{out}");
-    assert!(out.contains("/nonexistent/key") && out.contains("keygen"), "{out}");
+    assert!(
+        out.contains("/nonexistent/key") && out.contains("keygen"),
+        "{out}"
+    );
     let bad_key = d.join("bad.key");
     std::fs::write(&bad_key, "# replicator master key v1\nnot-hex\n")?;
     let img = d.join("img");
     std::fs::File::create(&img)?.set_len(1 << 20)?;
-    let (c, out) = code(&["ship", "--source", &s(&img), "--sink", &s(&d.join("c")), "--state", &s(&d.join("st")), "--key-file", &s(&bad_key)])?;
+    let (c, out) = code(&[
+        "ship",
+        "--source",
+        &s(&img),
+        "--sink",
+        &s(&d.join("c")),
+        "--state",
+        &s(&d.join("st")),
+        "--key-file",
+        &s(&bad_key),
+    ])?;
     assert_eq!(c, 2, "{out}");
     assert!(out.contains("bad.key:2") && out.contains("hex"), "{out}");
-    let (c, out) = code(&["ship", "--source", &s(&img), "--sink", "gopher://x", "--state", &s(&d.join("st")), "--key-file", &s(&bad_key)])?;
+    let (c, out) = code(&[
+        "ship",
+        "--source",
+        &s(&img),
+        "--sink",
+        "gopher://x",
+        "--state",
+        &s(&d.join("st")),
+        "--key-file",
+        &s(&bad_key),
+    ])?;
     assert_eq!(c, 2, "{out}");
     let (c, _) = code(&["frobnicate"])?;
     assert_eq!(c, 2);
@@ -115,8 +253,28 @@ fn hydrate_with_a_wrong_key_exits_2_and_says_so() -> anyhow::Result<()> {
     }
     ok(&["keygen", "--out", &s(&d.join("k1"))])?;
     ok(&["keygen", "--out", &s(&d.join("k2"))])?;
-    ok(&["ship", "--source", &s(&src), "--sink", &s(&cache), "--state", &s(&d.join("ss")), "--key-file", &s(&d.join("k1"))])?;
-    let (c, out) = code(&["hydrate", "--target", &s(&tgt), "--sink", &s(&cache), "--state", &s(&d.join("ts")), "--key-file", &s(&d.join("k2"))])?;
+    ok(&[
+        "ship",
+        "--source",
+        &s(&src),
+        "--sink",
+        &s(&cache),
+        "--state",
+        &s(&d.join("ss")),
+        "--key-file",
+        &s(&d.join("k1")),
+    ])?;
+    let (c, out) = code(&[
+        "hydrate",
+        "--target",
+        &s(&tgt),
+        "--sink",
+        &s(&cache),
+        "--state",
+        &s(&d.join("ts")),
+        "--key-file",
+        &s(&d.join("k2")),
+    ])?;
     assert_eq!(c, 2, "{out}");
     assert!(out.contains("wrong key"), "{out}");
     Ok(())
@@ -124,8 +282,23 @@ fn hydrate_with_a_wrong_key_exits_2_and_says_so() -> anyhow::Result<()> {
 
 #[test]
 fn demo_on_image_files_exits_0_with_the_table() -> anyhow::Result<()> {
-    let out = ok(&["demo", "--size", "32M", "--churn", "2M", "--rounds", "3", "--quiet"])?;
-    for needle in ["cycle", "changed", "blob bytes", "ratio", "throughput", "next delta", "initial", "innodb", "postgres", "log append", "cutover", "byte-identical"] {
+    let out = ok(&[
+        "demo", "--size", "32M", "--churn", "2M", "--rounds", "3", "--quiet",
+    ])?;
+    for needle in [
+        "cycle",
+        "changed",
+        "blob bytes",
+        "ratio",
+        "throughput",
+        "next delta",
+        "initial",
+        "innodb",
+        "postgres",
+        "log append",
+        "cutover",
+        "byte-identical",
+    ] {
         assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
     }
     assert!(!out.contains("DIFFERENT"), "{out}");
@@ -142,11 +315,27 @@ fn demo_on_loop_devices_exits_0_and_detaches_them() -> anyhow::Result<()> {
     );
     let before = Command::new("losetup").arg("-a").output()?;
     let dir = tempfile::tempdir()?;
-    let out = ok(&["demo", "--loop", "--size", "32M", "--churn", "2M", "--rounds", "2", "--quiet", "--dir", &s(dir.path())])?;
+    let out = ok(&[
+        "demo",
+        "--loop",
+        "--size",
+        "32M",
+        "--churn",
+        "2M",
+        "--rounds",
+        "2",
+        "--quiet",
+        "--dir",
+        &s(dir.path()),
+    ])?;
     assert!(out.contains("/dev/loop"), "{out}");
     assert!(out.contains("byte-identical"), "{out}");
     let after = Command::new("losetup").arg("-a").output()?;
-    assert_eq!(String::from_utf8_lossy(&before.stdout), String::from_utf8_lossy(&after.stdout), "loop devices leaked");
+    assert_eq!(
+        String::from_utf8_lossy(&before.stdout),
+        String::from_utf8_lossy(&after.stdout),
+        "loop devices leaked"
+    );
     Ok(())
 }
 

@@ -163,7 +163,7 @@ impl FileDevice {
         let size_bytes = file
             .seek(SeekFrom::End(0))
             .map_err(|e| DeviceError::io(&name, DeviceOp::Open, 0, 0, e))?;
-        if size_bytes % SECTOR_SIZE != 0 {
+        if !size_bytes.is_multiple_of(SECTOR_SIZE) {
             return Err(DeviceError::new(
                 &name,
                 DeviceOp::Open,

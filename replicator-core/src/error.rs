@@ -50,30 +50,8 @@ pub enum Error {
         detail: String,
     },
     /// What the target wrote differs from what the source said changed.
-    #[error(
-        "cycle {cycle}: reconciliation failed ({stage}): {missing_sectors} sectors the source \
-         changed were not {verb}{first_missing}, {extra_sectors} sectors {verb} that the source did \
-         not change{first_extra}{cause}"
-    )]
-    Reconcile {
-        /// The cycle.
-        cycle: u64,
-        /// `before writing` (coverage of the verified blobs) or `after writing` (the target's
-        /// tracker).
-        stage: &'static str,
-        /// `covered by verified blobs` or `written`.
-        verb: &'static str,
-        /// Sectors in the source bitmap and not on the target side.
-        missing_sectors: u64,
-        /// Sectors on the target side and not in the source bitmap.
-        extra_sectors: u64,
-        /// `, first at sectors A..B`, or empty.
-        first_missing: String,
-        /// `, first at sectors A..B`, or empty.
-        first_extra: String,
-        /// `; cause: ...` naming blobs that could not be used, or empty.
-        cause: String,
-    },
+    #[error(transparent)]
+    Reconcile(Box<ReconcileFailure>),
     /// A sector bitmap is invalid or does not fit the disk.
     #[error("sector bitmap: {0}")]
     Bitmap(#[from] BitmapError),
@@ -140,6 +118,33 @@ impl Error {
             source: Some(err),
         }
     }
+}
+
+/// Reconciliation found the target's sectors differ from the source's bitmap.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cycle {cycle}: reconciliation failed ({stage}): {missing_sectors} sectors the source \
+     changed were not {verb}{first_missing}, {extra_sectors} sectors {verb} that the source did \
+     not change{first_extra}{cause}"
+)]
+pub struct ReconcileFailure {
+    /// The cycle.
+    pub cycle: u64,
+    /// `before writing` (coverage of the verified blobs) or `after writing` (the target's
+    /// tracker).
+    pub stage: &'static str,
+    /// `covered by verified blobs` or `written`.
+    pub verb: &'static str,
+    /// Sectors in the source bitmap and not on the target side.
+    pub missing_sectors: u64,
+    /// Sectors on the target side and not in the source bitmap.
+    pub extra_sectors: u64,
+    /// `, first at sectors A..B`, or empty.
+    pub first_missing: String,
+    /// `, first at sectors A..B`, or empty.
+    pub first_extra: String,
+    /// `; ...` naming blobs that could not be used, or empty.
+    pub cause: String,
 }
 
 /// A fresh random salt for a session.

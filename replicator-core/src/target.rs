@@ -24,7 +24,7 @@ use replicator_sink::{PutMode, Sink};
 use crate::bitmap::{Extent, SECTOR_SIZE, SectorBitmap};
 use crate::clock::{Clock, Timestamp};
 use crate::device::BlockDevice;
-use crate::error::{Error, ErrorKind, Result, first_extent_note};
+use crate::error::{Error, ErrorKind, ReconcileFailure, Result, first_extent_note};
 use crate::format::{self, Ack, AckStatus, DecodedBlob, Expect, ExtentKind, Manifest, Session};
 use crate::keys::{DiskId, DiskKey, MasterKey};
 use crate::layout;
@@ -37,16 +37,10 @@ const STAGING_DIR: &str = "staging";
 const ZERO_WRITE_BYTES: usize = 1 << 20;
 
 /// Settings of hydration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HydrateConfig {
     /// Cycles applied in one call, at most (0 = no limit).
     pub cycles_max: u64,
-}
-
-impl Default for HydrateConfig {
-    fn default() -> Self {
-        HydrateConfig { cycles_max: 0 }
-    }
 }
 
 /// One cycle applied and committed.
@@ -400,7 +394,7 @@ fn reconcile_error(
     missing.difference_with(got)?;
     let mut extra = got.clone();
     extra.difference_with(expected)?;
-    Ok(Error::Reconcile {
+    Ok(Error::Reconcile(Box::new(ReconcileFailure {
         cycle,
         stage,
         verb,
@@ -409,7 +403,7 @@ fn reconcile_error(
         first_missing: first_extent_note(missing.extents().next()),
         first_extra: first_extent_note(extra.extents().next()),
         cause,
-    })
+    })))
 }
 
 #[allow(clippy::too_many_arguments)]

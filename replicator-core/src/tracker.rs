@@ -308,7 +308,9 @@ impl<D: BlockDevice> CbtTracker<D> {
                 limit_bytes: self.cfg.cow_bytes_max,
             });
         }
-        if offset_bytes % SECTOR_SIZE != 0 || buf.len() as u64 % SECTOR_SIZE != 0 {
+        if !offset_bytes.is_multiple_of(SECTOR_SIZE)
+            || !(buf.len() as u64).is_multiple_of(SECTOR_SIZE)
+        {
             return Err(Error::InvalidInput(format!(
                 "{}: frozen reads must be sector-aligned (offset {offset_bytes}, length {})",
                 self.name,

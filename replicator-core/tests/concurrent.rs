@@ -43,7 +43,7 @@ async fn each_cycle_ships_the_disk_as_of_its_freeze_while_writes_continue() -> a
                     .map_err(|_| anyhow::anyhow!("poisoned"))?
                     .push((epoch, off, data));
                 n += 1;
-                if n % 64 == 0 {
+                if n.is_multiple_of(64) {
                     std::thread::yield_now();
                 }
             }

@@ -83,7 +83,7 @@ async fn flipped_byte_in_a_blob_fails_the_cycle_writes_nothing_then_heals() -> a
                 source: FormatError::AuthenticationFailed,
                 ..
             }
-        ) || matches!(&failed.error, Error::Reconcile { .. }),
+        ) || matches!(&failed.error, Error::Reconcile(_)),
         "{msg}"
     );
     assert_eq!(
@@ -126,21 +126,15 @@ async fn deleted_blob_fails_reconciliation_then_heals() -> anyhow::Result<()> {
     let failed = r
         .failed
         .ok_or_else(|| anyhow::anyhow!("a missing blob went unnoticed"))?;
-    let Error::Reconcile {
-        stage,
-        missing_sectors,
-        extra_sectors,
-        cause,
-        ..
-    } = &failed.error
-    else {
+    let Error::Reconcile(rf) = &failed.error else {
         anyhow::bail!("expected a reconciliation failure, got {}", failed.error);
     };
-    assert_eq!(*stage, "before writing");
-    assert!(*missing_sectors > 0 && *extra_sectors == 0);
+    assert_eq!(rf.stage, "before writing");
+    assert!(rf.missing_sectors > 0 && rf.extra_sectors == 0);
     assert!(
-        cause.contains(&blobs[0]) && cause.contains("not found"),
-        "{cause}"
+        rf.cause.contains(&blobs[0]) && rf.cause.contains("not found"),
+        "{}",
+        rf.cause
     );
     assert!(w.tgt_disk.snapshot() == before, "nothing was written");
     assert_eq!(failed.error.kind(), ErrorKind::CycleFailed);

@@ -4,6 +4,7 @@
 //!
 //! To regenerate after an intended format change (which should also bump
 //! `FORMAT_VERSION`): `REPLICATOR_BLESS=1 cargo test --release --test golden`.
+#![allow(clippy::expect_used)] // golden-vector helpers panic on their own fixed inputs
 
 use std::path::PathBuf;
 
