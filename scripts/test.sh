@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Runs every check and test of the project on a fresh Debian 12 machine, as root.
+# It installs what the tests need, sets up what they use (loop devices), runs format, lint,
+# unit, property, end-to-end, CLI, golden-vector, benchmark-smoke and fuzz-smoke checks, and
+# leaves nothing behind (no loop device attached, no server running).
+#
+#   scripts/test.sh            everything
+#   scripts/test.sh --quick    format, lint and tests only (no bench or fuzz smoke)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=0
+[[ "${1:-}" == "--quick" ]] && quick=1
+
+step() { printf '\n==> %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+started=$SECONDS
+
+step "checking the machine"
+[[ $(id -u) -eq 0 ]] || die "the tests attach loop devices and must run as root (sudo scripts/test.sh)"
+command -v cargo >/dev/null || die "cargo not found: install Rust stable with rustup (https://rustup.rs)"
+missing=()
+command -v losetup >/dev/null || missing+=(mount)
+command -v cc >/dev/null || missing+=(gcc libc6-dev)
+command -v make >/dev/null || missing+=(make)
+if ((${#missing[@]})); then
+    step "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked --version 0.9.143
+if [[ ! -e /dev/loop-control ]]; then
+    modprobe loop 2>/dev/null || die "no /dev/loop-control and 'modprobe loop' failed: this kernel needs loop device support"
+fi
+loops_before=$(losetup -a | sort)
+
+cleanup() {
+    local loops_after
+    loops_after=$(losetup -a | sort)
+    if [[ "$loops_after" != "$loops_before" ]]; then
+        echo "error: loop devices were left attached by the tests:" >&2
+        comm -13 <(echo "$loops_before") <(echo "$loops_after") >&2
+        comm -13 <(echo "$loops_before") <(echo "$loops_after") | cut -d: -f1 | xargs -r -n1 losetup -d || true
+        exit 1
+    fi
+}
+trap cleanup EXIT
+
+step "format"
+cargo fmt --all -- --check
+
+step "lint"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests"
+cargo nextest run --workspace --locked --no-fail-fast --profile ci
+cargo test --workspace --doc --locked
+
+if ((quick == 0)); then
+    step "benchmarks compile and run once (criterion --test)"
+    cargo bench -p replicator-benches --locked -- --test
+
+    step "fuzz smoke"
+    scripts/fuzz-smoke.sh
+fi
+
+step "all checks passed in $((SECONDS - started)) s"
