@@ -197,12 +197,6 @@ pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
     let mut sched = Scheduler::new(policy, clock.now(), source.state().next_cycle > 1);
     let mut interrupts = Box::pin(tokio::signal::ctrl_c());
     while let Next::Run { kind, at } = sched.next() {
-        if at > clock.now() {
-            println!(
-                "next {kind:?} cycle in {}",
-                table::duration(at.since(clock.now()))
-            );
-        }
         tokio::select! {
             _ = clock.sleep_until(at) => {}
             _ = &mut interrupts => {
@@ -229,7 +223,17 @@ pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
                 false
             }
         };
-        sched.record(kind, started, clock.now(), ok);
+        let finished = clock.now();
+        sched.record(kind, started, finished, ok);
+        if let Next::Run { kind, at } = sched.next()
+            && at > finished
+        {
+            // The gap the schedule chose, from the end of this cycle.
+            println!(
+                "next {kind:?} cycle in {}",
+                table::duration(at.since(finished))
+            );
+        }
         interrupts = Box::pin(tokio::signal::ctrl_c());
     }
     Ok(ExitCode::SUCCESS)

@@ -354,3 +354,113 @@ fn walk_files(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
     }
     Ok(out)
 }
+
+#[test]
+fn ship_follow_runs_the_schedule_and_ctrl_c_leaves_a_safe_state() -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let (src, tgt, key, cache, sst, tst) = (
+        d.join("s"),
+        d.join("t"),
+        d.join("k"),
+        d.join("c"),
+        d.join("ss"),
+        d.join("ts"),
+    );
+    for img in [&src, &tgt] {
+        std::fs::File::create(img)?.set_len(8 << 20)?;
+    }
+    ok(&["keygen", "--out", &s(&key)])?;
+    ok(&[
+        "write",
+        "--source",
+        &s(&src),
+        "--state",
+        &s(&sst),
+        "--bytes",
+        "1M",
+    ])?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_harness"))
+        .args([
+            "ship",
+            "--follow",
+            "--source",
+            &s(&src),
+            "--sink",
+            &s(&cache),
+            "--state",
+            &s(&sst),
+            "--key-file",
+            &s(&key),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut seen = Vec::new();
+    // Initial copy, then the first delta at once, then a wait of 1 h by the formula.
+    while let Some(line) = lines.next().transpose()? {
+        seen.push(line.clone());
+        if line.starts_with("next Delta cycle in") {
+            break;
+        }
+    }
+    let joined = seen.join("\n");
+    assert!(joined.contains("shipped cycle 1 (initial"), "{joined}");
+    assert!(joined.contains("shipped cycle 2 (delta"), "{joined}");
+    assert!(joined.contains("next Delta cycle in 1h 00m"), "{joined}");
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    assert!(kill.success());
+    let rest: Vec<String> = lines.collect::<Result<_, _>>()?;
+    let status = child.wait()?;
+    assert_eq!(status.code(), Some(0), "{rest:?}");
+    assert!(
+        rest.join("\n").contains("stopped between cycles"),
+        "{rest:?}"
+    );
+    // The state is usable: the next run ships cycle 3, and the target catches up.
+    ok(&[
+        "write",
+        "--source",
+        &s(&src),
+        "--state",
+        &s(&sst),
+        "--bytes",
+        "1M",
+        "--seed",
+        "3",
+    ])?;
+    let out = ok(&[
+        "ship",
+        "--source",
+        &s(&src),
+        "--sink",
+        &s(&cache),
+        "--state",
+        &s(&sst),
+        "--key-file",
+        &s(&key),
+    ])?;
+    assert!(out.contains("shipped cycle 3"), "{out}");
+    ok(&[
+        "hydrate",
+        "--target",
+        &s(&tgt),
+        "--sink",
+        &s(&cache),
+        "--state",
+        &s(&tst),
+        "--key-file",
+        &s(&key),
+    ])?;
+    ok(&["verify", "--source", &s(&src), "--target", &s(&tgt)])?;
+    Ok(())
+}

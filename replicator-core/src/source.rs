@@ -366,31 +366,48 @@ async fn settle_in_flight<D: BlockDevice + 'static>(
     src.save()
 }
 
-/// One blob's worth of extents to read.
-fn plan_blobs(bitmap: &SectorBitmap, cfg: &ShipConfig) -> Vec<Vec<Extent>> {
-    let span_sectors = (cfg.blob_span_bytes_max / SECTOR_SIZE).max(1);
-    let mut groups = Vec::new();
-    let mut group: Vec<Extent> = Vec::new();
-    let mut group_sectors = 0u64;
-    for run in bitmap.extents() {
-        let mut start = run.start_sector;
-        let end = run.end_sector();
-        while start < end {
-            let room = span_sectors - group_sectors;
-            let take = room.min(end - start);
-            group.push(Extent::new(start, take));
-            group_sectors += take;
-            start += take;
-            if group_sectors == span_sectors || group.len() >= cfg.blob_extents_max {
-                groups.push(std::mem::take(&mut group));
-                group_sectors = 0;
-            }
+/// Cuts a cycle's extents into blobs of at most `span_sectors` sectors and `extents_max`
+/// extents, lazily: memory holds one group at a time, whatever the disk's size.
+struct BlobPlan<I: Iterator<Item = Extent>> {
+    runs: I,
+    current: Option<Extent>,
+    span_sectors: u64,
+    extents_max: usize,
+}
+
+impl<I: Iterator<Item = Extent>> BlobPlan<I> {
+    fn new(runs: I, cfg: &ShipConfig) -> Self {
+        BlobPlan {
+            runs,
+            current: None,
+            span_sectors: (cfg.blob_span_bytes_max / SECTOR_SIZE).max(1),
+            extents_max: cfg.blob_extents_max.max(1),
         }
     }
-    if !group.is_empty() {
-        groups.push(group);
+}
+
+impl<I: Iterator<Item = Extent>> Iterator for BlobPlan<I> {
+    type Item = Vec<Extent>;
+
+    fn next(&mut self) -> Option<Vec<Extent>> {
+        let mut group = Vec::new();
+        let mut group_sectors = 0u64;
+        while group_sectors < self.span_sectors && group.len() < self.extents_max {
+            let Some(run) = self.current.take().or_else(|| self.runs.next()) else {
+                break;
+            };
+            let take = (self.span_sectors - group_sectors).min(run.sector_count);
+            group.push(Extent::new(run.start_sector, take));
+            group_sectors += take;
+            if take < run.sector_count {
+                self.current = Some(Extent::new(
+                    run.start_sector + take,
+                    run.sector_count - take,
+                ));
+            }
+        }
+        (!group.is_empty()).then_some(group)
     }
-    groups
 }
 
 /// Splits the data read for `extents` into data and zero extents at [`ZERO_DETECT_BYTES`]
@@ -545,12 +562,6 @@ async fn write_cycle<D: BlockDevice + 'static>(
     let disk = src.disk_id;
     let salt = crate::error::fresh_salt()?;
     let session = Arc::new(Session::new(disk_key, disk, cycle, attempt, salt));
-    let groups = plan_blobs(bitmap, cfg);
-    if groups.len() > u32::MAX as usize {
-        return Err(Error::InvalidInput(
-            "cycle needs more than 2^32 blobs".into(),
-        ));
-    }
     progress.begin(
         if cycle == 1 { "initial copy" } else { "delta" },
         bitmap.count() * SECTOR_SIZE,
@@ -563,10 +574,16 @@ async fn write_cycle<D: BlockDevice + 'static>(
     let tracker = Arc::clone(&src.tracker);
     let producer_session = Arc::clone(&session);
     let level = cfg.zstd_level;
+    let plan_cfg = *cfg;
+    let frozen = bitmap.clone();
     let producer = tokio::task::spawn_blocking(move || {
-        for (i, group) in groups.into_iter().enumerate() {
-            let seq = i as u32;
+        for (i, group) in BlobPlan::new(frozen.extents(), &plan_cfg).enumerate() {
             let encoded = (|| -> Result<EncodedBlob> {
+                let seq = u32::try_from(i).map_err(|_| {
+                    Error::InvalidInput(
+                        "a cycle needs more than 2^32 blobs; raise the blob span".into(),
+                    )
+                })?;
                 let span: u64 = group.iter().map(Extent::len_bytes).sum();
                 let mut buf = vec![0u8; span as usize];
                 let mut pos = 0usize;
@@ -710,7 +727,7 @@ mod tests {
             blob_span_bytes_max: 8192 * 512,
             ..ShipConfig::default()
         };
-        let groups = plan_blobs(&b, &cfg);
+        let groups: Vec<Vec<Extent>> = BlobPlan::new(b.extents(), &cfg).collect();
         let spans: Vec<u64> = groups
             .iter()
             .map(|g| g.iter().map(|e| e.sector_count).sum())
@@ -718,6 +735,18 @@ mod tests {
         assert_eq!(spans, vec![8192, 8192, 3626]);
         let total: u64 = spans.iter().sum();
         assert_eq!(total, b.count());
+        // Scattered runs: the extent limit closes a blob before its span is full.
+        let mut scattered = SectorBitmap::new(100_000);
+        for i in 0..10 {
+            let _ = scattered.mark_sectors(i * 100, 1);
+        }
+        let cfg = ShipConfig {
+            blob_extents_max: 3,
+            ..ShipConfig::default()
+        };
+        let groups: Vec<Vec<Extent>> = BlobPlan::new(scattered.extents(), &cfg).collect();
+        let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![3, 3, 3, 1]);
     }
 
     #[test]

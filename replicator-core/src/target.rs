@@ -37,10 +37,23 @@ const STAGING_DIR: &str = "staging";
 const ZERO_WRITE_BYTES: usize = 1 << 20;
 
 /// Settings of hydration.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HydrateConfig {
     /// Cycles applied in one call, at most (0 = no limit).
     pub cycles_max: u64,
+    /// Verified blobs are kept (still encrypted) in the state directory between verification
+    /// and writing when the cycle's blobs total at most this many bytes (8 GiB); a larger cycle
+    /// is fetched again for writing, and verified again, instead of filling the local disk.
+    pub staging_bytes_max: u64,
+}
+
+impl Default for HydrateConfig {
+    fn default() -> Self {
+        HydrateConfig {
+            cycles_max: 0,
+            staging_bytes_max: 8 << 30,
+        }
+    }
 }
 
 /// One cycle applied and committed.
@@ -278,7 +291,7 @@ pub async fn hydrate<D: BlockDevice>(
             break;
         };
         match apply_cycle(
-            t, sink, &disk_key, cycle, attempt, &manifest, clock, progress,
+            t, sink, &disk_key, cycle, attempt, &manifest, cfg, clock, progress,
         )
         .await
         {
@@ -414,6 +427,7 @@ async fn apply_cycle<D: BlockDevice>(
     cycle: u64,
     attempt: u64,
     manifest: &Manifest,
+    cfg: &HydrateConfig,
     clock: &dyn Clock,
     progress: &dyn Progress,
 ) -> Result<AppliedCycle> {
@@ -448,6 +462,7 @@ async fn apply_cycle<D: BlockDevice>(
     std::fs::create_dir_all(&staging)
         .map_err(|e| Error::state_io(&staging, "cannot create the staging directory", e))?;
     let total: u64 = manifest.blobs.iter().map(|b| b.object_len).sum();
+    let stage_locally = total <= cfg.staging_bytes_max;
     progress.begin(&format!("verify cycle {cycle}"), total);
     let mut covered = SectorBitmap::new(disk_sectors);
     let mut unusable: Vec<String> = Vec::new();
@@ -476,8 +491,10 @@ async fn apply_cycle<D: BlockDevice>(
                     covered.mark_extent(Extent::new(e.start_sector, e.sector_count))?;
                 }
                 let path = staging.join(b.seq.to_string());
-                std::fs::write(&path, &bytes)
-                    .map_err(|e| Error::state_io(&path, "cannot stage a blob", e))?;
+                if stage_locally {
+                    std::fs::write(&path, &bytes)
+                        .map_err(|e| Error::state_io(&path, "cannot stage a blob", e))?;
+                }
                 blob_bytes += bytes.len() as u64;
             }
             Err(e) if e.kind() == ErrorKind::Transient || e.kind() == ErrorKind::Io => {
@@ -526,8 +543,15 @@ async fn apply_cycle<D: BlockDevice>(
     for b in &manifest.blobs {
         let key = layout::blob_key(&disk, cycle, attempt, b.seq);
         let path = staging.join(b.seq.to_string());
-        let bytes = std::fs::read(&path)
-            .map_err(|e| Error::state_io(&path, "cannot read a staged blob", e))?;
+        let bytes = if stage_locally {
+            bytes::Bytes::from(
+                std::fs::read(&path)
+                    .map_err(|e| Error::state_io(&path, "cannot read a staged blob", e))?,
+            )
+        } else {
+            // Too large to stage: fetch again; it is verified again just below.
+            sink.get(&key).await?
+        };
         let blob = format::decode_blob(
             disk_key,
             &bytes,

@@ -466,3 +466,80 @@ async fn a_source_restart_loses_no_mark() -> anyhow::Result<()> {
     let _ = w.src_disk.size_bytes();
     Ok(())
 }
+
+#[tokio::test]
+async fn a_cycle_too_large_to_stage_is_fetched_again_and_verified_again() -> anyhow::Result<()> {
+    let mut w = World::new(13)?;
+    w.ship().await?;
+    let cfg = HydrateConfig {
+        staging_bytes_max: 0,
+        ..HydrateConfig::default()
+    };
+    let target = w
+        .target
+        .as_mut()
+        .ok_or_else(|| anyhow::anyhow!("no target"))?;
+    let r = hydrate(target, w.sink.as_ref(), &w.key, &w.clock, &cfg, &NoProgress).await?;
+    assert_eq!(r.applied.len(), 1);
+    let staging = w.dir.path().join("tgt-state").join("staging");
+    let staged = std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(staged, 0, "nothing staged locally");
+    assert!(w.identical());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_source_crash_after_the_manifest_before_its_state_is_saved_is_settled()
+-> anyhow::Result<()> {
+    let mut w = World::new(14)?;
+    w.ship().await?;
+    w.hydrate().await?;
+    w.churn(30)?;
+    let shipped = w.ship().await?;
+    // Rewind source.json to what it held while the cycle was in flight: the manifest is in the
+    // cache but the state never recorded the cycle as shipped.
+    let state_dir = w.dir.path().join("src-state");
+    let other = tempfile::tempdir()?;
+    let (placeholder, _) = replicator_core::source::Source::open(
+        other.path(),
+        Arc::new(MemDevice::new("placeholder", DISK_BYTES)),
+        Default::default(),
+    )?;
+    drop(std::mem::replace(&mut w.source, placeholder));
+    let path = state_dir.join("source.json");
+    let mut state: replicator_core::state::SourceState =
+        serde_json::from_slice(&std::fs::read(&path)?)?;
+    let pending = state
+        .pending
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("no pending cycle"))?;
+    assert_eq!(pending.cycle, shipped.cycle);
+    state.next_cycle = shipped.cycle;
+    state.in_flight = Some(replicator_core::state::InFlightCycle {
+        cycle: shipped.cycle,
+        attempt: state.attempts,
+        base_cycle: pending.base_cycle,
+    });
+    std::fs::write(&path, serde_json::to_vec(&state)?)?;
+    std::fs::remove_file(state_dir.join(format!("pending-{}.bmap", shipped.cycle)))?;
+
+    let (reopened, _) = replicator_core::source::Source::open(
+        &state_dir,
+        Arc::clone(&w.src_disk),
+        Default::default(),
+    )?;
+    w.source = reopened;
+    w.churn(10)?;
+    let next = w.ship().await?;
+    assert_eq!(
+        next.cycle,
+        shipped.cycle + 1,
+        "the committed cycle was adopted, not shipped again"
+    );
+    assert_eq!(next.base_cycle, shipped.cycle);
+    let r = w.hydrate().await?;
+    let applied: Vec<u64> = r.applied.iter().map(|a| a.cycle).collect();
+    assert_eq!(applied, vec![shipped.cycle, next.cycle]);
+    assert!(w.identical());
+    Ok(())
+}
