@@ -25,7 +25,9 @@ use crate::bitmap::{Extent, SECTOR_SIZE, SectorBitmap};
 use crate::clock::{Clock, Timestamp};
 use crate::device::BlockDevice;
 use crate::error::{Error, ErrorKind, ReconcileFailure, Result, first_extent_note};
-use crate::format::{self, Ack, AckStatus, DecodedBlob, Expect, ExtentKind, Manifest, Session};
+use crate::format::{
+    self, Ack, AckStatus, DecodedBlob, Expect, ExtentKind, Manifest, ManifestBlob, Session,
+};
 use crate::keys::{DiskId, DiskKey, MasterKey};
 use crate::layout;
 use crate::progress::Progress;
@@ -369,17 +371,30 @@ async fn fail_cycle<D: BlockDevice>(
     .await
 }
 
-fn blob_expect(disk: DiskId, cycle: u64, attempt: u64, seq: u32, tag: [u8; 16]) -> Expect {
-    Expect {
+/// Authenticates, decompresses and CRC-checks one blob fetched from `key`, which the manifest
+/// lists as `listed`, and checks that its extents fit the disk.
+#[allow(clippy::too_many_arguments)]
+fn verify_blob(
+    disk_key: &DiskKey,
+    key: &str,
+    bytes: &[u8],
+    disk: DiskId,
+    cycle: u64,
+    attempt: u64,
+    listed: &ManifestBlob,
+    disk_sectors: u64,
+) -> Result<DecodedBlob> {
+    let expect = Expect {
         disk_id: disk,
         cycle,
         attempt: Some(attempt),
-        seq: Some(seq),
-        tag: Some(tag),
-    }
-}
-
-fn check_extents_fit(key: &str, blob: &DecodedBlob, disk_sectors: u64) -> Result<()> {
+        seq: Some(listed.seq),
+        tag: Some(listed.tag),
+    };
+    let blob = format::decode_blob(disk_key, bytes, &expect).map_err(|e| Error::Object {
+        key: key.to_owned(),
+        source: e,
+    })?;
     for (i, e) in blob.extents.iter().enumerate() {
         let end = e.start_sector.checked_add(e.sector_count);
         if end.is_none_or(|end| end > disk_sectors) {
@@ -392,7 +407,7 @@ fn check_extents_fit(key: &str, blob: &DecodedBlob, disk_sectors: u64) -> Result
             });
         }
     }
-    Ok(())
+    Ok(blob)
 }
 
 fn reconcile_error(
@@ -472,16 +487,16 @@ async fn apply_cycle<D: BlockDevice>(
         let key = layout::blob_key(&disk, cycle, attempt, b.seq);
         let verified = async {
             let bytes = sink.get(&key).await?;
-            let blob = format::decode_blob(
+            let blob = verify_blob(
                 disk_key,
+                &key,
                 &bytes,
-                &blob_expect(disk, cycle, attempt, b.seq, b.tag),
-            )
-            .map_err(|e| Error::Object {
-                key: key.clone(),
-                source: e,
-            })?;
-            check_extents_fit(&key, &blob, disk_sectors)?;
+                disk,
+                cycle,
+                attempt,
+                b,
+                disk_sectors,
+            )?;
             Ok::<_, Error>((bytes, blob))
         }
         .await;
@@ -552,16 +567,16 @@ async fn apply_cycle<D: BlockDevice>(
             // Too large to stage: fetch again; it is verified again just below.
             sink.get(&key).await?
         };
-        let blob = format::decode_blob(
+        let blob = verify_blob(
             disk_key,
+            &key,
             &bytes,
-            &blob_expect(disk, cycle, attempt, b.seq, b.tag),
-        )
-        .map_err(|e| Error::Object {
-            key: key.clone(),
-            source: e,
-        })?;
-        check_extents_fit(&key, &blob, disk_sectors)?;
+            disk,
+            cycle,
+            attempt,
+            b,
+            disk_sectors,
+        )?;
         let mut data_pos = 0usize;
         for e in &blob.extents {
             let len = (e.sector_count * SECTOR_SIZE) as usize;
