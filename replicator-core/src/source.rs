@@ -410,9 +410,11 @@ impl<I: Iterator<Item = Extent>> Iterator for BlobPlan<I> {
     }
 }
 
-/// Splits the data read for `extents` into data and zero extents at [`ZERO_DETECT_BYTES`]
-/// granularity, and gathers the data extents' bytes.
-fn classify(extents: &[Extent], buf: &[u8]) -> (Vec<BlobExtent>, Vec<u8>, u64) {
+/// Splits the data read for `extents` (`buf` holds their bytes, in order) into data and zero
+/// blob extents at [`ZERO_DETECT_BYTES`] granularity, merging neighbours of one kind. Returns the
+/// blob extents, the data extents' bytes concatenated (what `Session::encode_blob` takes), and
+/// the number of zero bytes. This is exactly how a cycle lays out its blobs.
+pub fn split_zero_runs(extents: &[Extent], buf: &[u8]) -> (Vec<BlobExtent>, Vec<u8>, u64) {
     let mut out: Vec<BlobExtent> = Vec::new();
     let mut data = Vec::with_capacity(buf.len());
     let mut zero_bytes = 0u64;
@@ -592,7 +594,7 @@ async fn write_cycle<D: BlockDevice + 'static>(
                     tracker.read_frozen(&mut buf[pos..pos + n], e.offset_bytes())?;
                     pos += n;
                 }
-                let (extents, data, zero_bytes) = classify(&group, &buf);
+                let (extents, data, zero_bytes) = split_zero_runs(&group, &buf);
                 let obj = producer_session
                     .encode_blob(seq, &extents, &data, level)
                     .map_err(|e| Error::Object {
@@ -754,7 +756,7 @@ mod tests {
         let extents = [Extent::new(0, 24)];
         let mut buf = vec![0u8; 24 * 512];
         buf[8 * 512] = 7; // the second 4 KiB block has data
-        let (out, data, zeros) = classify(&extents, &buf);
+        let (out, data, zeros) = split_zero_runs(&extents, &buf);
         assert_eq!(
             out,
             vec![
