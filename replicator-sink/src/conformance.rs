@@ -29,15 +29,34 @@ fn fail(check: &'static str, sink: &dyn Sink, detail: String) -> ConformanceFail
     }
 }
 
+/// What a backend can and cannot promise, where backends really differ. Every check runs on
+/// every backend; a capability only changes what a check expects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `PutMode::Create` is atomic: of concurrent creates exactly one wins. A backend without it
+    /// still refuses a create over an object that already exists (checked, not raced).
+    pub atomic_create: bool,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities {
+            atomic_create: true,
+        }
+    }
+}
+
 /// Runs every check against `sink`, which must start empty.
-pub async fn check_all(sink: &dyn Sink) -> Outcome {
+pub async fn check_all(sink: &dyn Sink, caps: Capabilities) -> Outcome {
     round_trips(sink).await?;
     not_found(sink).await?;
     overwrite_and_create(sink).await?;
     listing(sink).await?;
     delete_missing(sink).await?;
     invalid_keys(sink).await?;
-    concurrent_create(sink).await?;
+    if caps.atomic_create {
+        concurrent_create(sink).await?;
+    }
     Ok(())
 }
 

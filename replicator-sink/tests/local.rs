@@ -7,7 +7,7 @@ use replicator_sink::{LocalDirSink, PutMode, Sink, SinkErrorKind, conformance, o
 async fn local_dir_sink_passes_conformance() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let sink = LocalDirSink::create(dir.path())?;
-    conformance::check_all(&sink).await?;
+    conformance::check_all(&sink, conformance::Capabilities::default()).await?;
     Ok(())
 }
 
