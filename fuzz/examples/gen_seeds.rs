@@ -1,0 +1,230 @@
+//! Regenerates the committed seed inputs under `fuzz/seeds/<target>/`.
+//!
+//! ```sh
+//! cargo run --manifest-path fuzz/Cargo.toml --example gen_seeds
+//! ```
+//!
+//! The golden objects (`blob_v1.bin`, `manifest_v1.bin`, `ack_v1.bin`) are
+//! copied from `replicator-core/tests/golden/`; everything else is encoded
+//! here with the public encoders under the golden key material, so every
+//! object seed decodes in its raw target.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use replicator_core::bitmap::SectorBitmap;
+use replicator_core::format::{
+    Ack, AckStatus, BlobExtent, ExtentKind, Manifest, ObjectKind, Session, decode_ack, decode_blob,
+    decode_manifest,
+};
+use replicator_core::keys::MasterKey;
+use replicator_fuzz::{
+    GOLDEN_ATTEMPT, GOLDEN_CYCLE, GOLDEN_SALT, Sealer, golden_disk, golden_disk_key, golden_expect,
+    golden_master_bytes, noise,
+};
+
+fn write(dir: &Path, target: &str, name: &str, bytes: &[u8]) {
+    let d = dir.join(target);
+    fs::create_dir_all(&d).expect("create seed dir");
+    fs::write(d.join(name), bytes).expect("write seed");
+    println!("seeds/{target}/{name} ({} bytes)", bytes.len());
+}
+
+fn session(salt: [u8; 16]) -> Session {
+    Session::new(
+        golden_disk_key(),
+        golden_disk(),
+        GOLDEN_CYCLE,
+        GOLDEN_ATTEMPT,
+        salt,
+    )
+}
+
+fn main() {
+    let fuzz = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let seeds = fuzz.join("seeds");
+    let golden = fuzz.join("../replicator-core/tests/golden");
+    let read = |name: &str| fs::read(golden.join(name)).expect("read golden file");
+    let key = golden_disk_key();
+    let sealer = Sealer::golden();
+
+    // --- golden objects, copied verbatim ---------------------------------
+    let blob_v1 = read("blob_v1.bin");
+    let manifest_v1 = read("manifest_v1.bin");
+    let ack_v1 = read("ack_v1.bin");
+    decode_blob(key, &blob_v1, &golden_expect()).expect("golden blob decodes");
+    decode_manifest(key, &manifest_v1, &golden_expect()).expect("golden manifest decodes");
+    decode_ack(key, &ack_v1, &golden_expect()).expect("golden ack decodes");
+    write(&seeds, "decode_blob", "blob_v1.bin", &blob_v1);
+    write(&seeds, "decode_manifest", "manifest_v1.bin", &manifest_v1);
+    write(&seeds, "decode_ack", "ack_v1.bin", &ack_v1);
+
+    // --- more objects under the golden key ---------------------------------
+    let s = session(GOLDEN_SALT);
+    let raw_data = noise(3 * 512, 11);
+    let raw = s
+        .encode_blob(
+            1,
+            &[
+                BlobExtent {
+                    start_sector: 4096 - 1,
+                    sector_count: 2,
+                    kind: ExtentKind::Data,
+                },
+                BlobExtent {
+                    start_sector: 5000,
+                    sector_count: 1,
+                    kind: ExtentKind::Data,
+                },
+            ],
+            &raw_data,
+            3,
+        )
+        .expect("raw blob");
+    write(&seeds, "decode_blob", "blob_uncompressed.bin", &raw.bytes);
+    let zero = s
+        .encode_blob(
+            2,
+            &[BlobExtent {
+                start_sector: 0,
+                sector_count: 64,
+                kind: ExtentKind::Zero,
+            }],
+            &[],
+            3,
+        )
+        .expect("zero blob");
+    write(&seeds, "decode_blob", "blob_zero_only.bin", &zero.bytes);
+
+    let mut bm = SectorBitmap::new(1 << 21);
+    bm.mark_sectors(0, 8).expect("mark");
+    bm.mark_sectors(4090, 20).expect("mark");
+    let bitmap_bytes = bm.encode();
+    let empty_manifest = session([0x11; 16])
+        .encode_manifest(&Manifest {
+            base_cycle: 0,
+            disk_bytes: 1 << 30,
+            blobs: vec![],
+            bitmap: bitmap_bytes.clone(),
+            created_unix_ms: 1,
+        })
+        .expect("manifest");
+    write(
+        &seeds,
+        "decode_manifest",
+        "manifest_no_blobs.bin",
+        &empty_manifest.bytes,
+    );
+
+    let failed = session([0x11; 16])
+        .encode_ack(&Ack {
+            status: AckStatus::Failed,
+            sectors_written: 0,
+            message: "target device is read-only: écrit refusé".into(),
+        })
+        .expect("ack");
+    write(&seeds, "decode_ack", "ack_failed.bin", &failed.bytes);
+
+    // --- plaintexts for decode_sealed_payload (byte 0: kind % 3, seq / 3) ---
+    let with_selector = |sel: u8, plaintext: Vec<u8>| [vec![sel], plaintext].concat();
+    let open = |bytes: &[u8]| {
+        sealer
+            .open(bytes)
+            .expect("sealer opens a golden-session object")
+    };
+    // golden blob is seq 0 and compressed; the raw blob is seq 1 (selector 3)
+    write(
+        &seeds,
+        "decode_sealed_payload",
+        "blob_compressed.bin",
+        &with_selector(0, open(&blob_v1)),
+    );
+    write(
+        &seeds,
+        "decode_sealed_payload",
+        "blob_raw_seq1.bin",
+        &with_selector(3, open(&raw.bytes)),
+    );
+    write(
+        &seeds,
+        "decode_sealed_payload",
+        "blob_zero_seq2.bin",
+        &with_selector(6, open(&zero.bytes)),
+    );
+    write(
+        &seeds,
+        "decode_sealed_payload",
+        "manifest.bin",
+        &with_selector(1, open(&manifest_v1)),
+    );
+    write(
+        &seeds,
+        "decode_sealed_payload",
+        "ack.bin",
+        &with_selector(2, open(&ack_v1)),
+    );
+    assert_eq!(
+        sealer.seal(ObjectKind::Blob, 0, &open(&blob_v1)),
+        blob_v1,
+        "the independent sealer reproduces the golden blob"
+    );
+
+    // --- bitmaps ------------------------------------------------------------
+    write(
+        &seeds,
+        "decode_bitmap",
+        "empty.bin",
+        &SectorBitmap::new(1000).encode(),
+    );
+    write(&seeds, "decode_bitmap", "runs.bin", &bitmap_bytes);
+    write(
+        &seeds,
+        "decode_bitmap",
+        "full_max.bin",
+        &SectorBitmap::full(u64::MAX).encode(),
+    );
+    let mut sparse = SectorBitmap::new(3 * 4096 + 7);
+    for s in [0, 63, 64, 4095, 4096, 8191, 3 * 4096 + 6] {
+        sparse.mark_sectors(s, 1).expect("mark");
+    }
+    write(&seeds, "decode_bitmap", "sparse.bin", &sparse.encode());
+
+    // --- key files and disk ids ---------------------------------------------
+    let master = MasterKey::from_bytes(golden_master_bytes());
+    let file = master.to_key_file();
+    write(&seeds, "parse_key_file", "golden.key", file.as_bytes());
+    let hex = file.lines().nth(1).expect("key line").to_owned();
+    write(
+        &seeds,
+        "parse_key_file",
+        "commented.key",
+        format!(
+            "# comment\r\n\r\n   {}  \r\n  # trailing\n",
+            hex.to_uppercase()
+        )
+        .as_bytes(),
+    );
+    write(
+        &seeds,
+        "parse_key_file",
+        "disk_id.txt",
+        golden_disk().to_string().as_bytes(),
+    );
+
+    // --- structured targets: any bytes work; a few fixed ones ---------------
+    for (i, len) in [64usize, 256, 1024].into_iter().enumerate() {
+        let bytes = noise(len, 100 + i as u64);
+        write(
+            &seeds,
+            "blob_roundtrip_tamper",
+            &format!("noise_{len}.bin"),
+            &bytes,
+        );
+        write(
+            &seeds,
+            "bitmap_roundtrip",
+            &format!("noise_{len}.bin"),
+            &bytes,
+        );
+    }
+}
