@@ -10,10 +10,13 @@ use rand_chacha::ChaCha8Rng;
 use replicator_core::ErrorKind;
 use replicator_core::clock::{Clock, SystemClock};
 use replicator_core::device::{BlockDevice, FileDevice};
+use replicator_core::gc::{GcPolicy, plan_gc, run_gc};
 use replicator_core::keys::{DiskId, MasterKey};
 use replicator_core::schedule::{Next, SchedulePolicy, Scheduler};
 use replicator_core::source::{ShipConfig, ShipReport, Source, ship_cycle};
-use replicator_core::state::{SOURCE_FILE, SourceState, TARGET_FILE, TargetState, read_json_file};
+use replicator_core::state::{
+    SOURCE_FILE, SourceState, StateDir, TARGET_FILE, TargetState, read_json_file,
+};
 use replicator_core::target::{
     HydrateConfig, HydrateReport, Target, discover_disks, hydrate as hydrate_cycles,
 };
@@ -530,6 +533,82 @@ pub fn write(args: WriteArgs) -> Result<ExitCode> {
         table::bytes(tracker.current().count() * 512)
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `harness gc`.
+#[derive(Debug, clap::Args)]
+pub struct GcArgs {
+    /// The cache: a directory path or file:///path.
+    #[arg(long)]
+    sink: String,
+    /// The source side's state directory (it decides what the target may still need).
+    #[arg(long)]
+    state: PathBuf,
+    /// Acknowledged cycles to keep as recovery points, newest first.
+    #[arg(long, default_value_t = GcPolicy::default().retain_cycles)]
+    retain: u64,
+    /// List what would be removed, and remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// `harness gc`.
+pub async fn gc(args: GcArgs) -> Result<ExitCode> {
+    let sink = sink_of(&args.sink)?;
+    // Holding the source's lock: no ship can start an attempt whose blobs would look abandoned.
+    let dir = StateDir::open(&args.state)?;
+    let state: SourceState = dir.read_json(SOURCE_FILE)?.ok_or_else(|| {
+        usage(format!(
+            "{} holds no source state; run `harness ship` first",
+            args.state.display()
+        ))
+    })?;
+    let disk: DiskId = state
+        .disk_id
+        .parse()
+        .map_err(|e| usage(format!("bad disk id in {}: {e}", args.state.display())))?;
+    let policy = GcPolicy {
+        retain_cycles: args.retain,
+    };
+    let plan = plan_gc(sink.as_ref(), &disk, &state, policy).await?;
+    for item in &plan.items {
+        println!(
+            "{} {} ({}, {})",
+            if args.dry_run {
+                "would remove"
+            } else {
+                "remove"
+            },
+            item.key,
+            item.reason,
+            table::bytes(item.size_bytes)
+        );
+    }
+    if args.dry_run {
+        println!(
+            "dry run: {} objects, {} would be freed",
+            plan.items.len(),
+            table::bytes(plan.bytes())
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let report = run_gc(sink.as_ref(), &plan).await;
+    println!(
+        "removed {} objects, freed {}",
+        report.removed,
+        table::bytes(report.bytes)
+    );
+    for (key, error) in &report.failed {
+        eprintln!("could not remove {key}: {error} (retried next time)");
+    }
+    if report.failed.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(anyhow::Error::new(Failed(format!(
+            "{} objects could not be removed",
+            report.failed.len()
+        ))))
+    }
 }
 
 #[cfg(test)]

@@ -59,6 +59,9 @@ enum Command {
     Status(commands::StatusArgs),
     /// Write a workload to the source through its tracker, so the next ship sees every change.
     Write(commands::WriteArgs),
+    /// Remove cache objects no longer needed (acknowledged beyond the retained cycles, superseded,
+    /// abandoned attempts, processed acknowledgements). Every ship also does this.
+    Gc(commands::GcArgs),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
             Command::Verify { source, target } => commands::verify(&source, &target),
             Command::Status(args) => commands::status(args).await,
             Command::Write(args) => commands::write(args),
+            Command::Gc(args) => commands::gc(args).await,
         }
     });
     match result {

@@ -179,6 +179,30 @@ fn separate_processes_ship_hydrate_verify_and_heal() -> anyhow::Result<()> {
     assert!(out.contains("committed cycle 3"), "{out}");
     let out = ok(&["status", "--state", &s(&sst)])?;
     assert!(out.contains("next cycle 4"), "{out}");
+
+    // Garbage collection: a leftover of an abandoned attempt is listed by a dry run, then removed.
+    let disk_dir = std::fs::read_dir(cache.join("disks"))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no disk"))??
+        .path();
+    let leftover = disk_dir.join("blobs/00000000000000000099/00000000000000000005/0000000000");
+    std::fs::create_dir_all(
+        leftover
+            .parent()
+            .ok_or_else(|| anyhow::anyhow!("no parent"))?,
+    )?;
+    std::fs::write(&leftover, b"abandoned")?;
+    let out = ok(&["gc", "--sink", &s(&cache), "--state", &s(&sst), "--dry-run"])?;
+    assert!(
+        out.contains("would remove")
+            && out.contains("00000000000000000099")
+            && out.contains("abandoned attempt"),
+        "{out}"
+    );
+    assert!(leftover.exists(), "a dry run removes nothing");
+    let out = ok(&["gc", "--sink", &s(&cache), "--state", &s(&sst)])?;
+    assert!(out.contains("removed"), "{out}");
+    assert!(!leftover.exists());
     Ok(())
 }
 

@@ -12,6 +12,7 @@ pub use replicator_sink::clock;
 pub mod device;
 pub mod error;
 pub mod format;
+pub mod gc;
 pub mod keys;
 pub mod layout;
 pub mod progress;

@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::format::{
     self, AckStatus, BlobExtent, Expect, ExtentKind, Manifest, ManifestBlob, Session,
 };
+use crate::gc::{GcPolicy, plan_gc, run_gc};
 use crate::keys::{DiskId, DiskKey, MasterKey};
 use crate::layout;
 use crate::progress::Progress;
@@ -48,6 +49,8 @@ pub struct ShipConfig {
     pub puts_in_flight_max: usize,
     /// Shipped cycles the target has not acknowledged, at most; shipping refuses beyond. 64.
     pub unacked_cycles_max: usize,
+    /// What each ship's garbage collection keeps.
+    pub gc: GcPolicy,
 }
 
 impl Default for ShipConfig {
@@ -59,6 +62,7 @@ impl Default for ShipConfig {
             blobs_queued_max: 4,
             puts_in_flight_max: 4,
             unacked_cycles_max: 64,
+            gc: GcPolicy::default(),
         }
     }
 }
@@ -211,7 +215,6 @@ pub async fn sync_acks<D: BlockDevice + 'static>(
     let disk = src.disk_id;
     let mut acked = Vec::new();
     let mut carried = Vec::new();
-    let mut done_keys = Vec::new();
     for meta in sink.list(&layout::acks_prefix(&disk)).await? {
         let Some(cycle) = layout::cycle_of_key(&meta.key) else {
             continue;
@@ -256,12 +259,10 @@ pub async fn sync_acks<D: BlockDevice + 'static>(
                 if src.state.pending.len() != before || !done.is_empty() {
                     acked.extend(done);
                 }
-                done_keys.push(meta.key);
             }
             AckStatus::Failed => {
                 if !src.state.pending.iter().any(|p| p.cycle == cycle) {
                     // Already handled (or not ours to handle): its sectors were carried before.
-                    done_keys.push(meta.key);
                     continue;
                 }
                 // The failed cycle and every later pending one (they chain on it) are dead;
@@ -281,23 +282,17 @@ pub async fn sync_acks<D: BlockDevice + 'static>(
                 }
                 src.state.pending.retain(|p| p.cycle < cycle);
                 carried.extend(dead);
-                done_keys.push(meta.key);
             }
         }
     }
-    if acked.is_empty() && carried.is_empty() && done_keys.is_empty() {
+    if acked.is_empty() && carried.is_empty() {
         return Ok((acked, carried));
     }
     src.save()?;
-    // Only now that the state no longer needs them: drop bitmaps and cache objects.
+    // Only now that the state no longer needs them: drop their bitmaps. Their cache objects and
+    // the processed acknowledgements go with the next garbage collection.
     for c in acked.iter().chain(carried.iter()) {
         src.dir.remove(&pending_file(*c))?;
-        delete_cycle_objects(sink, &disk, *c).await;
-    }
-    for key in done_keys {
-        if let Err(e) = sink.delete(&key).await {
-            tracing::warn!(key = %key, error = %e, "could not remove a processed acknowledgement");
-        }
     }
     Ok((acked, carried))
 }
@@ -475,6 +470,16 @@ pub async fn ship_cycle<D: BlockDevice + 'static>(
     let disk_key = key.disk_key(&disk);
     settle_in_flight(src, sink, &disk_key).await?;
     let (acked, carried) = sync_acks(src, sink, &disk_key).await?;
+    // Collection is housekeeping: a failure to remove is reported and retried next time.
+    match plan_gc(sink, &disk, &src.state, cfg.gc).await {
+        Ok(plan) => {
+            let gc = run_gc(sink, &plan).await;
+            for (key, error) in &gc.failed {
+                tracing::warn!(key = %key, error = %error, "could not remove an object no longer needed");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "garbage collection skipped: cannot list the cache"),
+    }
     if src.state.pending.len() >= cfg.unacked_cycles_max {
         return Err(Error::InvalidInput(format!(
             "the target has not acknowledged the last {} cycles of disk {disk}; run hydrate on the \
