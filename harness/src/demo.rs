@@ -17,7 +17,7 @@ use replicator_core::source::{ShipConfig, Source, ship_cycle};
 use replicator_core::target::{HydrateConfig, Target, hydrate};
 use replicator_core::tracker::TrackerConfig;
 use replicator_core::verify::verify_devices;
-use replicator_sink::LocalDirSink;
+use replicator_sink::{LocalDirSink, Sink, open_sink};
 
 use crate::bars::Bars;
 use crate::commands::{Failed, parse_size};
@@ -43,6 +43,11 @@ pub struct DemoArgs {
     /// Working directory (images, cache, state); default: a temporary directory removed after.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// The cache: a directory, file:///path, memory://, az://container/prefix or
+    /// s3://bucket/prefix (credentials from the usual AZURE_STORAGE_* / AWS_* variables).
+    /// Default: a directory in the working directory.
+    #[arg(long)]
+    sink: Option<String>,
     /// Run on Linux loop devices over the image files (needs root and losetup).
     #[arg(long = "loop")]
     loop_devices: bool,
@@ -100,13 +105,19 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     };
     let bars = Bars::new(args.quiet);
     let clock = SystemClock;
+    // The sink first: a bad URL is refused before any image is made.
+    let sink: Arc<dyn Sink> = match &args.sink {
+        Some(url) => open_sink(url)
+            .map_err(|e| anyhow::Error::new(crate::commands::UsageError(e.to_string())))?,
+        None => Arc::new(LocalDirSink::create(dir.join("cache"))?),
+    };
     let disks = make_disks(&dir, args.size, args.loop_devices)?;
     println!(
         "replicator demo: {} source {} -> target {} via cache {}",
         table::bytes(args.size),
         disks.source.display(),
         disks.target.display(),
-        dir.join("cache").display()
+        sink.describe()
     );
 
     {
@@ -117,7 +128,6 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     }
 
     let key = MasterKey::generate()?;
-    let sink = LocalDirSink::create(dir.join("cache"))?;
     let (mut source, _) = Source::open(
         &dir.join("source-state"),
         FileDevice::open(&disks.source)?,
@@ -155,12 +165,12 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
             bars.end();
         }
         let ship_started = clock.now();
-        let shipped = ship_cycle(&mut source, &sink, &key, &clock, &cfg, &bars).await?;
+        let shipped = ship_cycle(&mut source, sink.as_ref(), &key, &clock, &cfg, &bars).await?;
         let ship_took = clock.now().since(ship_started);
         let hydrate_started = clock.now();
         let hydrated = hydrate(
             &mut target,
-            &sink,
+            sink.as_ref(),
             &key,
             &clock,
             &HydrateConfig::default(),
