@@ -1,0 +1,49 @@
+//! Wrappers around any [`Sink`]: each takes the sink it wraps as an `Arc<dyn Sink>`, is a
+//! [`Sink`] itself, forwards every method, keeps the trait's contract and passes the conformance
+//! suite. They compose freely.
+//!
+//! - [`faults::FaultSink`]: injects errors, delays, torn uploads, lost acknowledgements and
+//!   corrupted reads, for tests.
+//!
+//! Every wrapper that waits or reads the time takes an injected [`crate::clock::Clock`], so the
+//! whole stack runs on [`crate::clock::SimClock`] in tests.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+pub mod faults;
+
+pub use faults::{Fault, FaultCounts, FaultRule, FaultSink, Trigger};
+
+#[cfg(doc)]
+use crate::Sink;
+
+/// The kind of a sink operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OpKind {
+    /// [`Sink::put`].
+    Put,
+    /// [`Sink::get`].
+    Get,
+    /// [`Sink::list`].
+    List,
+    /// [`Sink::delete`].
+    Delete,
+}
+
+impl OpKind {
+    /// The operation's name as [`crate::SinkError::op`] gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::Put => "put",
+            OpKind::Get => "get",
+            OpKind::List => "list",
+            OpKind::Delete => "delete",
+        }
+    }
+}
+
+/// Locks `m`. A wrapper never panics while holding one of its locks, and every update under one
+/// leaves the state whole, so a poisoned lock's state is still good to use.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}

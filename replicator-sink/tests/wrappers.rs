@@ -1,0 +1,267 @@
+//! The sink wrappers: each against the conformance suite, and each doing what it promises. Every wait runs on a `SimClock`, so the run takes no real time.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use replicator_sink::clock::{Clock, SimClock, Timestamp};
+use replicator_sink::conformance::{self, Capabilities};
+use replicator_sink::wrap::{Fault, FaultRule, FaultSink, OpKind, Trigger};
+use replicator_sink::{LocalDirSink, PutMode, Sink, SinkErrorKind};
+
+/// 2024-01-15 00:00:00 UTC.
+const DAY_START_UNIX_S: u64 = 1_705_276_800;
+
+/// `h:m:s` on the test day, UTC.
+fn at(h: u64, m: u64, s: u64) -> Timestamp {
+    Timestamp(Duration::from_secs(
+        DAY_START_UNIX_S + h * 3600 + m * 60 + s,
+    ))
+}
+
+fn clock_at(t: Timestamp) -> (SimClock, Arc<dyn Clock>) {
+    let clock = SimClock::new(t);
+    let shared: Arc<dyn Clock> = Arc::new(clock.clone());
+    (clock, shared)
+}
+
+/// A scratch directory, in memory where the machine has one: the conformance suite fsyncs
+/// thousands of small files, which tmpfs makes free.
+fn scratch() -> anyhow::Result<tempfile::TempDir> {
+    let shm = Path::new("/dev/shm");
+    Ok(if shm.is_dir() {
+        tempfile::tempdir_in(shm)?
+    } else {
+        tempfile::tempdir()?
+    })
+}
+
+fn local(dir: &Path, name: &str) -> anyhow::Result<Arc<dyn Sink>> {
+    Ok(Arc::new(LocalDirSink::create(dir.join(name))?))
+}
+
+fn data(len: usize, seed: u8) -> Bytes {
+    Bytes::from(
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect::<Vec<u8>>(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conformance
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn fault_sink_with_only_delays_passes_conformance() -> anyhow::Result<()> {
+    let dir = scratch()?;
+    let (_, clock) = clock_at(at(0, 0, 0));
+    let sink = FaultSink::new(local(dir.path(), "s")?, clock, 1);
+    for op in [OpKind::Put, OpKind::Get, OpKind::List, OpKind::Delete] {
+        let delay = Fault::Delay(Duration::from_millis(20));
+        sink.add_rule(FaultRule::new(op, delay, Trigger::Probability(0.5)))?;
+    }
+    conformance::check_all(&sink, Capabilities::default()).await?;
+    assert!(sink.counts().delays > 100, "{}", sink.counts());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults
+// ---------------------------------------------------------------------------------------------
+
+fn fault_sink(
+    seed: u64,
+) -> anyhow::Result<(tempfile::TempDir, SimClock, Arc<dyn Sink>, FaultSink)> {
+    let dir = scratch()?;
+    let (sim, clock) = clock_at(at(0, 0, 0));
+    let store = local(dir.path(), "s")?;
+    let faults = FaultSink::new(Arc::clone(&store), clock, seed);
+    Ok((dir, sim, store, faults))
+}
+
+#[tokio::test]
+async fn injected_errors_fail_without_reaching_the_store() -> anyhow::Result<()> {
+    let (_dir, _, store, faults) = fault_sink(1)?;
+    faults.add_rule(
+        FaultRule::new(OpKind::Put, Fault::Transient, Trigger::once()).on_keys_containing("x"),
+    )?;
+    faults.add_rule(FaultRule::new(
+        OpKind::Get,
+        Fault::Permanent,
+        Trigger::once(),
+    ))?;
+    let err = faults.put("a/x", data(4, 0), PutMode::Create).await.err();
+    assert_eq!(err.map(|e| e.kind()), Some(SinkErrorKind::Transient));
+    assert!(
+        store.get("a/x").await.is_err(),
+        "the failed put reached the store"
+    );
+    faults.put("a/x", data(4, 0), PutMode::Create).await?;
+    let err = faults.get("a/x").await.err();
+    assert_eq!(err.map(|e| e.kind()), Some(SinkErrorKind::Permanent));
+    assert_eq!(faults.get("a/x").await?, data(4, 0));
+    let counts = faults.counts();
+    assert_eq!(
+        (counts.transient, counts.permanent, counts.failures()),
+        (1, 1, 2)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn delays_wait_on_the_injected_clock() -> anyhow::Result<()> {
+    let (_dir, sim, _, faults) = fault_sink(1)?;
+    faults.add_rule(FaultRule::new(
+        OpKind::List,
+        Fault::Delay(Duration::from_secs(3)),
+        Trigger::always(),
+    ))?;
+    faults.add_rule(FaultRule::new(
+        OpKind::List,
+        Fault::Transient,
+        Trigger::once(),
+    ))?;
+    // Both rules fire: the delay, then the error.
+    assert!(faults.list("").await.is_err());
+    assert_eq!(sim.now(), at(0, 0, 3));
+    faults.list("").await?;
+    assert_eq!(sim.now(), at(0, 0, 6));
+    let counts = faults.counts();
+    assert_eq!(
+        (counts.delays, counts.delay_total),
+        (2, Duration::from_secs(6))
+    );
+    assert_eq!(counts.transient, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_torn_upload_leaves_a_truncated_object() -> anyhow::Result<()> {
+    let (_dir, _, store, faults) = fault_sink(4)?;
+    faults.add_rule(FaultRule::new(OpKind::Put, Fault::TornPut, Trigger::once()))?;
+    let blob = data(4096, 7);
+    let err = faults
+        .put("b/0001", blob.clone(), PutMode::Overwrite)
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("a torn put reported success"))?;
+    assert!(err.is_transient());
+    assert!(err.to_string().contains("torn upload"), "{err}");
+    let stored = store.get("b/0001").await?;
+    assert!(stored.len() < blob.len());
+    assert_eq!(stored, blob.slice(..stored.len()));
+    assert_eq!(faults.counts().torn_puts, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_lost_acknowledgement_stores_the_object_but_reports_failure() -> anyhow::Result<()> {
+    let (_dir, _, store, faults) = fault_sink(1)?;
+    faults.add_rule(FaultRule::new(OpKind::Put, Fault::LostAck, Trigger::once()))?;
+    let err = faults
+        .put("b/0002", data(100, 1), PutMode::Create)
+        .await
+        .err();
+    assert_eq!(err.map(|e| e.kind()), Some(SinkErrorKind::Transient));
+    assert_eq!(store.get("b/0002").await?, data(100, 1));
+    assert_eq!(faults.counts().lost_acks, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_corrupted_read_flips_exactly_one_bit() -> anyhow::Result<()> {
+    let (_dir, _, _, faults) = fault_sink(1)?;
+    faults.put("b/0003", data(1000, 2), PutMode::Create).await?;
+    faults.add_rule(FaultRule::new(
+        OpKind::Get,
+        Fault::CorruptRead,
+        Trigger::once(),
+    ))?;
+    let bad = faults.get("b/0003").await?;
+    let flipped: u32 = bad
+        .iter()
+        .zip(data(1000, 2).iter())
+        .map(|(x, y)| (x ^ y).count_ones())
+        .sum();
+    assert_eq!((bad.len(), flipped), (1000, 1));
+    assert_eq!(faults.get("b/0003").await?, data(1000, 2));
+    assert_eq!(faults.counts().corrupt_reads, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn rules_match_by_operation_key_and_countdown() -> anyhow::Result<()> {
+    let (_dir, _, _, faults) = fault_sink(1)?;
+    faults.add_rule(
+        FaultRule::new(
+            OpKind::Put,
+            Fault::Transient,
+            Trigger::Countdown { skip: 2, times: 2 },
+        )
+        .on_keys_containing("blob"),
+    )?;
+    let mut outcomes = Vec::new();
+    for i in 0..6 {
+        faults
+            .put(&format!("manifest/{i}"), data(1, 0), PutMode::Overwrite)
+            .await?;
+        faults.get(&format!("manifest/{i}")).await?;
+        let put = faults
+            .put(&format!("blob/{i}"), data(1, 0), PutMode::Overwrite)
+            .await;
+        outcomes.push(put.is_ok());
+    }
+    assert_eq!(outcomes, [true, true, false, false, true, true]);
+    assert_eq!(faults.counts().transient, 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn probabilistic_faults_are_deterministic_from_the_seed() -> anyhow::Result<()> {
+    async fn pattern(seed: u64) -> anyhow::Result<(Vec<bool>, Vec<u8>)> {
+        let (_dir, _, _, faults) = fault_sink(seed)?;
+        faults.put("p/obj", data(64, 0), PutMode::Create).await?;
+        faults.add_rule(FaultRule::new(
+            OpKind::Get,
+            Fault::Transient,
+            Trigger::Probability(0.3),
+        ))?;
+        faults.add_rule(FaultRule::new(
+            OpKind::Get,
+            Fault::CorruptRead,
+            Trigger::Probability(0.3),
+        ))?;
+        let mut failed = Vec::new();
+        let mut corrupted_first_bytes = Vec::new();
+        for _ in 0..200 {
+            match faults.get("p/obj").await {
+                Ok(got) => {
+                    failed.push(false);
+                    if got != data(64, 0) {
+                        let first = got.iter().zip(data(64, 0).iter()).position(|(a, b)| a != b);
+                        corrupted_first_bytes.push(first.unwrap_or(0) as u8);
+                    }
+                }
+                Err(_) => failed.push(true),
+            }
+        }
+        let fails = failed.iter().filter(|&&f| f).count();
+        assert!((30..=90).contains(&fails), "{fails} of 200 at p = 0.3");
+        Ok((failed, corrupted_first_bytes))
+    }
+    assert_eq!(pattern(5).await?, pattern(5).await?);
+    assert_ne!(pattern(5).await?, pattern(6).await?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_fault_that_cannot_happen_to_an_operation_is_refused() -> anyhow::Result<()> {
+    let (_dir, _, _, faults) = fault_sink(1)?;
+    let err = faults
+        .add_rule(FaultRule::new(OpKind::Get, Fault::TornPut, Trigger::once()))
+        .err();
+    assert_eq!(err.map(|e| e.kind()), Some(SinkErrorKind::InvalidConfig));
+    Ok(())
+}
