@@ -7,7 +7,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use replicator_sink::clock::{Clock, SimClock, Timestamp};
 use replicator_sink::conformance::{self, Capabilities};
-use replicator_sink::wrap::{Fault, FaultRule, FaultSink, OpKind, Trigger};
+use replicator_sink::wrap::metrics::LATENCY_BUCKETS;
+use replicator_sink::wrap::{Fault, FaultRule, FaultSink, MetricsSink, OpKind, Trigger};
 use replicator_sink::{LocalDirSink, PutMode, Sink, SinkErrorKind};
 
 /// 2024-01-15 00:00:00 UTC.
@@ -64,6 +65,18 @@ async fn fault_sink_with_only_delays_passes_conformance() -> anyhow::Result<()> 
     }
     conformance::check_all(&sink, Capabilities::default()).await?;
     assert!(sink.counts().delays > 100, "{}", sink.counts());
+    Ok(())
+}
+
+#[tokio::test]
+async fn metrics_sink_passes_conformance() -> anyhow::Result<()> {
+    let dir = scratch()?;
+    let (_, clock) = clock_at(at(0, 0, 0));
+    let sink = MetricsSink::new(local(dir.path(), "s")?, clock);
+    conformance::check_all(&sink, Capabilities::default()).await?;
+    let m = sink.snapshot();
+    assert!(m.put.ok > 1200, "{m}");
+    assert_eq!(m.put.errors.invalid_key, 5, "{m}");
     Ok(())
 }
 
@@ -263,5 +276,77 @@ async fn a_fault_that_cannot_happen_to_an_operation_is_refused() -> anyhow::Resu
         .add_rule(FaultRule::new(OpKind::Get, Fault::TornPut, Trigger::once()))
         .err();
     assert_eq!(err.map(|e| e.kind()), Some(SinkErrorKind::InvalidConfig));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn metrics_time_operations_on_a_sim_clock_with_delays_underneath() -> anyhow::Result<()> {
+    let (_dir, sim, _, faults) = fault_sink(1)?;
+    let faults = Arc::new(faults);
+    faults.add_rule(FaultRule::new(
+        OpKind::Put,
+        Fault::Delay(Duration::from_secs(2)),
+        Trigger::always(),
+    ))?;
+    faults.add_rule(FaultRule::new(
+        OpKind::Get,
+        Fault::Delay(Duration::from_millis(250)),
+        Trigger::always(),
+    ))?;
+    faults.add_rule(
+        FaultRule::new(OpKind::Get, Fault::Transient, Trigger::once()).on_keys_containing("flaky"),
+    )?;
+    let clock: Arc<dyn Clock> = Arc::new(sim.clone());
+    let metrics = MetricsSink::new(Arc::clone(&faults) as Arc<dyn Sink>, clock);
+
+    metrics.put("m/a", data(100, 0), PutMode::Create).await?;
+    metrics.put("m/b", data(50, 0), PutMode::Create).await?;
+    let exists = metrics.put("m/b", data(50, 0), PutMode::Create).await;
+    assert!(exists.is_err());
+    metrics.get("m/a").await?;
+    metrics.get("m/b").await?;
+    assert!(metrics.get("m/missing").await.is_err());
+    assert!(metrics.get("m/flaky").await.is_err());
+    assert_eq!(metrics.list("m/").await?.len(), 2);
+    metrics.delete("m/a").await?;
+
+    let m = metrics.snapshot();
+    assert_eq!((m.bytes_in, m.bytes_out), (150, 150));
+    assert_eq!((m.put.ok, m.put.errors.already_exists), (2, 1));
+    assert_eq!(m.put.latency.count, 3);
+    assert_eq!(
+        (m.put.latency.min, m.put.latency.max),
+        (Duration::from_secs(2), Duration::from_secs(2))
+    );
+    assert_eq!(m.put.latency.sum, Duration::from_secs(6));
+    let mut put_buckets = [0u64; LATENCY_BUCKETS];
+    put_buckets[7] = 3; // up to 5 s
+    assert_eq!(m.put.latency.buckets, put_buckets);
+
+    assert_eq!(m.get.ok, 2);
+    assert_eq!((m.get.errors.not_found, m.get.errors.transient), (1, 1));
+    assert_eq!(m.get.operations(), 4);
+    assert_eq!(m.get.latency.mean(), Duration::from_millis(250));
+    let mut get_buckets = [0u64; LATENCY_BUCKETS];
+    get_buckets[5] = 4; // up to 500 ms
+    assert_eq!(m.get.latency.buckets, get_buckets);
+
+    assert_eq!((m.list.ok, m.delete.ok), (1, 1));
+    assert_eq!(m.list.latency.max, Duration::ZERO);
+    assert_eq!(sim.now().since(at(0, 0, 0)), Duration::from_secs(7));
+
+    let report = m.to_string();
+    assert!(report.contains("bytes in 150, bytes out 150"), "{report}");
+    assert!(report.contains("1 not found, 1 transient"), "{report}");
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("put") && l.contains("2.0s")),
+        "{report}"
+    );
     Ok(())
 }

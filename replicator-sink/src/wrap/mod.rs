@@ -4,6 +4,7 @@
 //!
 //! - [`faults::FaultSink`]: injects errors, delays, torn uploads, lost acknowledgements and
 //!   corrupted reads, for tests.
+//! - [`metrics::MetricsSink`]: counts bytes, operations and errors and times every operation.
 //!
 //! Every wrapper that waits or reads the time takes an injected [`crate::clock::Clock`], so the
 //! whole stack runs on [`crate::clock::SimClock`] in tests.
@@ -11,8 +12,10 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub mod faults;
+pub mod metrics;
 
 pub use faults::{Fault, FaultCounts, FaultRule, FaultSink, Trigger};
+pub use metrics::{MetricsSink, MetricsSnapshot};
 
 #[cfg(doc)]
 use crate::Sink;
