@@ -8,7 +8,10 @@ use bytes::Bytes;
 use replicator_sink::clock::{Clock, SimClock, Timestamp};
 use replicator_sink::conformance::{self, Capabilities};
 use replicator_sink::wrap::metrics::LATENCY_BUCKETS;
-use replicator_sink::wrap::{Fault, FaultRule, FaultSink, MetricsSink, OpKind, Trigger};
+use replicator_sink::wrap::{
+    Fault, FaultRule, FaultSink, MetricsSink, OpKind, RetryBudgetPolicy, RetryPolicy, RetrySink,
+    Trigger,
+};
 use replicator_sink::{LocalDirSink, PutMode, Sink, SinkErrorKind};
 
 /// 2024-01-15 00:00:00 UTC.
@@ -50,9 +53,26 @@ fn data(len: usize, seed: u8) -> Bytes {
     )
 }
 
+fn generous_budget() -> RetryBudgetPolicy {
+    RetryBudgetPolicy {
+        retry_ratio: 0.5,
+        tokens_max: 1000,
+        tokens_initial: 100,
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Conformance
 // ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn retry_sink_passes_conformance() -> anyhow::Result<()> {
+    let dir = scratch()?;
+    let (_, clock) = clock_at(at(0, 0, 0));
+    let sink = RetrySink::new(local(dir.path(), "s")?, clock, RetryPolicy::default())?;
+    conformance::check_all(&sink, Capabilities::default()).await?;
+    Ok(())
+}
 
 #[tokio::test]
 async fn fault_sink_with_only_delays_passes_conformance() -> anyhow::Result<()> {
@@ -77,6 +97,296 @@ async fn metrics_sink_passes_conformance() -> anyhow::Result<()> {
     let m = sink.snapshot();
     assert!(m.put.ok > 1200, "{m}");
     assert_eq!(m.put.errors.invalid_key, 5, "{m}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retry
+// ---------------------------------------------------------------------------------------------
+
+/// local -> faults -> metrics (to count the attempts that reach the store) -> retry.
+struct RetryStack {
+    _dir: tempfile::TempDir,
+    sim: SimClock,
+    local: Arc<dyn Sink>,
+    faults: Arc<FaultSink>,
+    attempts: Arc<MetricsSink>,
+    retry: RetrySink,
+}
+
+fn retry_stack(policy: RetryPolicy) -> anyhow::Result<RetryStack> {
+    let dir = scratch()?;
+    let (sim, clock) = clock_at(at(0, 0, 0));
+    let local = local(dir.path(), "s")?;
+    let faults = Arc::new(FaultSink::new(Arc::clone(&local), Arc::clone(&clock), 9));
+    let attempts = Arc::new(MetricsSink::new(
+        Arc::clone(&faults) as Arc<dyn Sink>,
+        Arc::clone(&clock),
+    ));
+    let retry = RetrySink::new(Arc::clone(&attempts) as Arc<dyn Sink>, clock, policy)?;
+    Ok(RetryStack {
+        _dir: dir,
+        sim,
+        local,
+        faults,
+        attempts,
+        retry,
+    })
+}
+
+#[tokio::test]
+async fn transient_faults_are_retried_until_they_succeed() -> anyhow::Result<()> {
+    let s = retry_stack(RetryPolicy::default())?;
+    s.faults.add_rule(FaultRule::new(
+        OpKind::Put,
+        Fault::Transient,
+        Trigger::times(3),
+    ))?;
+    s.faults.add_rule(FaultRule::new(
+        OpKind::Get,
+        Fault::Transient,
+        Trigger::times(2),
+    ))?;
+    let payload = data(1000, 1);
+    s.retry
+        .put("a/b", payload.clone(), PutMode::Overwrite)
+        .await?;
+    assert_eq!(s.retry.get("a/b").await?, payload);
+
+    assert_eq!(s.faults.counts().transient, 5);
+    assert_eq!(s.attempts.snapshot().put.operations(), 4);
+    assert_eq!(s.attempts.snapshot().get.operations(), 3);
+    let stats = s.retry.stats();
+    assert_eq!((stats.operations, stats.retries, stats.gave_up), (2, 5, 0));
+    // The backoffs were waited on the clock, each at least half of 200, 400, 800 ms.
+    let waited = s.sim.now().since(at(0, 0, 0));
+    assert_eq!(waited, stats.backoff_total);
+    assert!(
+        waited >= Duration::from_millis(100 + 200 + 400 + 100 + 200),
+        "{waited:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn permanent_faults_and_definite_answers_are_not_retried() -> anyhow::Result<()> {
+    let s = retry_stack(RetryPolicy::default())?;
+    s.faults.add_rule(FaultRule::new(
+        OpKind::Put,
+        Fault::Permanent,
+        Trigger::once(),
+    ))?;
+    let err = s
+        .retry
+        .put("p/q", data(10, 0), PutMode::Overwrite)
+        .await
+        .err();
+    assert_eq!(err.map(|e| e.kind()), Some(SinkErrorKind::Permanent));
+
+    let not_found = s.retry.get("p/missing").await.err();
+    assert_eq!(not_found.map(|e| e.kind()), Some(SinkErrorKind::NotFound));
+
+    s.retry.put("p/r", data(10, 0), PutMode::Create).await?;
+    let exists = s.retry.put("p/r", data(10, 1), PutMode::Create).await.err();
+    assert_eq!(exists.map(|e| e.kind()), Some(SinkErrorKind::AlreadyExists));
+
+    let invalid = s.retry.put("P/R", data(1, 0), PutMode::Create).await.err();
+    assert_eq!(invalid.map(|e| e.kind()), Some(SinkErrorKind::InvalidKey));
+
+    assert_eq!(s.retry.stats().retries, 0);
+    let reached = s.attempts.snapshot();
+    assert_eq!((reached.put.operations(), reached.get.operations()), (3, 1));
+    assert_eq!(s.sim.now(), at(0, 0, 0), "nothing waited");
+    Ok(())
+}
+
+#[tokio::test]
+async fn retries_give_up_after_attempts_max_and_say_so() -> anyhow::Result<()> {
+    let s = retry_stack(RetryPolicy {
+        attempts_max: 3,
+        ..RetryPolicy::default()
+    })?;
+    s.faults.add_rule(FaultRule::new(
+        OpKind::Delete,
+        Fault::Transient,
+        Trigger::always(),
+    ))?;
+    let err = s
+        .retry
+        .delete("gone/soon")
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("delete succeeded through an always-failing store"))?;
+    assert!(err.is_transient());
+    assert!(
+        err.to_string().contains("gave up after 3 attempts"),
+        "{err}"
+    );
+    assert_eq!(err.key(), "gone/soon");
+    assert_eq!(s.attempts.snapshot().delete.operations(), 3);
+    assert_eq!(s.retry.stats().gave_up, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_retry_budget_stops_a_retry_storm() -> anyhow::Result<()> {
+    let s = retry_stack(RetryPolicy {
+        attempts_max: 5,
+        budget: RetryBudgetPolicy {
+            retry_ratio: 0.1,
+            tokens_max: 10,
+            tokens_initial: 2,
+        },
+        ..RetryPolicy::default()
+    })?;
+    s.faults.add_rule(FaultRule::new(
+        OpKind::Put,
+        Fault::Transient,
+        Trigger::always(),
+    ))?;
+    let mut refused = 0;
+    for i in 0..100 {
+        let err = s
+            .retry
+            .put(&format!("storm/{i}"), data(10, 0), PutMode::Overwrite)
+            .await
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("put {i} succeeded through a failing store"))?;
+        assert!(err.is_transient(), "{err}");
+        if err.to_string().contains("retry budget is exhausted") {
+            refused += 1;
+        }
+    }
+    // Without the budget, 100 operations would make 500 attempts. With it, retries are the 2
+    // initial tokens plus 0.1 per operation.
+    let stats = s.retry.stats();
+    assert!(stats.retries <= 2 + 10, "{stats}");
+    assert_eq!(s.attempts.snapshot().put.operations(), 100 + stats.retries);
+    assert!(refused >= 85, "{refused} refused; {stats}");
+    assert_eq!(stats.budget_refusals, refused);
+
+    // Once the store recovers, operations go through again.
+    s.faults.clear_rules();
+    s.retry
+        .put("storm/over", data(10, 0), PutMode::Overwrite)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn days_of_backoff_run_instantly_on_a_sim_clock() -> anyhow::Result<()> {
+    #[allow(clippy::disallowed_methods)] // measures that no real time passes
+    let real_start = std::time::Instant::now();
+    let s = retry_stack(RetryPolicy {
+        attempts_max: 30,
+        delay_first: Duration::from_secs(60),
+        delay_max: Duration::from_secs(6 * 3600),
+        multiplier: 2.0,
+        jitter_seed: 3,
+        budget: generous_budget(),
+    })?;
+    s.retry
+        .put("long/outage", data(100, 2), PutMode::Overwrite)
+        .await?;
+    s.faults.add_rule(FaultRule::new(
+        OpKind::Get,
+        Fault::Transient,
+        Trigger::times(20),
+    ))?;
+    assert_eq!(s.retry.get("long/outage").await?, data(100, 2));
+    // 1, 2, 4 ... 256 minutes, then 11 times the 6-hour cap: 74.5 hours before jitter, at
+    // least half of it after.
+    let waited = s.sim.now().since(at(0, 0, 0));
+    assert!(waited > Duration::from_secs(36 * 3600), "{waited:?}");
+    assert!(waited <= Duration::from_secs(75 * 3600), "{waited:?}");
+    assert!(real_start.elapsed() < Duration::from_secs(10));
+    Ok(())
+}
+
+#[tokio::test]
+async fn jitter_is_deterministic_from_the_seed() -> anyhow::Result<()> {
+    async fn waited_with(seed: u64) -> anyhow::Result<Duration> {
+        let s = retry_stack(RetryPolicy {
+            jitter_seed: seed,
+            ..RetryPolicy::default()
+        })?;
+        s.faults.add_rule(FaultRule::new(
+            OpKind::List,
+            Fault::Transient,
+            Trigger::times(5),
+        ))?;
+        s.retry.list("").await?;
+        Ok(s.sim.now().since(at(0, 0, 0)))
+    }
+    assert_eq!(waited_with(1).await?, waited_with(1).await?);
+    assert_ne!(waited_with(1).await?, waited_with(2).await?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_create_whose_acknowledgement_was_lost_succeeds_on_retry() -> anyhow::Result<()> {
+    let s = retry_stack(RetryPolicy::default())?;
+    s.faults
+        .add_rule(FaultRule::new(OpKind::Put, Fault::LostAck, Trigger::once()))?;
+    let manifest = data(3000, 5);
+    s.retry
+        .put("m/00000001", manifest.clone(), PutMode::Create)
+        .await?;
+    assert_eq!(s.faults.counts().lost_acks, 1);
+    assert_eq!(s.retry.stats().ambiguous_creates, 1);
+    assert_eq!(s.local.get("m/00000001").await?, manifest);
+    // A create by someone else is still refused.
+    let other = s
+        .retry
+        .put("m/00000001", data(3000, 6), PutMode::Create)
+        .await
+        .err();
+    assert_eq!(other.map(|e| e.kind()), Some(SinkErrorKind::AlreadyExists));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_create_after_a_torn_attempt_is_already_exists_not_success() -> anyhow::Result<()> {
+    let s = retry_stack(RetryPolicy::default())?;
+    s.faults
+        .add_rule(FaultRule::new(OpKind::Put, Fault::TornPut, Trigger::once()))?;
+    let manifest = data(3000, 5);
+    let err = s
+        .retry
+        .put("m/00000002", manifest.clone(), PutMode::Create)
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("a create over a torn object succeeded"))?;
+    assert_eq!(err.kind(), SinkErrorKind::AlreadyExists, "{err}");
+    assert!(
+        err.to_string().contains("is not the one being put"),
+        "{err}"
+    );
+    // What is stored is the torn prefix, which the core's authentication rejects.
+    let stored = s.local.get("m/00000002").await?;
+    assert!(stored.len() < manifest.len());
+    assert_eq!(stored, manifest.slice(..stored.len()));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_ambiguous_create_that_cannot_be_read_back_stays_transient() -> anyhow::Result<()> {
+    let s = retry_stack(RetryPolicy::default())?;
+    s.faults
+        .add_rule(FaultRule::new(OpKind::Put, Fault::LostAck, Trigger::once()))?;
+    s.faults.add_rule(FaultRule::new(
+        OpKind::Get,
+        Fault::Permanent,
+        Trigger::once(),
+    ))?;
+    let err = s
+        .retry
+        .put("m/00000003", data(10, 1), PutMode::Create)
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("an unverifiable create succeeded"))?;
+    assert!(err.is_transient(), "{err}");
+    assert!(err.to_string().contains("ambiguous create"), "{err}");
     Ok(())
 }
 
@@ -348,5 +658,25 @@ async fn metrics_time_operations_on_a_sim_clock_with_delays_underneath() -> anyh
             .any(|l| l.starts_with("put") && l.contains("2.0s")),
         "{report}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn metrics_outside_retry_see_one_call_with_its_backoff() -> anyhow::Result<()> {
+    let s = retry_stack(RetryPolicy::default())?;
+    s.faults.add_rule(FaultRule::new(
+        OpKind::Get,
+        Fault::Transient,
+        Trigger::times(2),
+    ))?;
+    s.local.put("r/x", data(10, 0), PutMode::Create).await?;
+    let clock: Arc<dyn Clock> = Arc::new(s.sim.clone());
+    let outer = MetricsSink::new(Arc::new(s.retry) as Arc<dyn Sink>, clock);
+    outer.get("r/x").await?;
+    let seen = outer.snapshot();
+    assert_eq!((seen.get.ok, seen.get.errors.total()), (1, 0));
+    assert_eq!(seen.get.latency.max, s.sim.now().since(at(0, 0, 0)));
+    let attempts = s.attempts.snapshot();
+    assert_eq!((attempts.get.ok, attempts.get.errors.transient), (1, 2));
     Ok(())
 }

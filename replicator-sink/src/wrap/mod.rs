@@ -2,6 +2,8 @@
 //! [`Sink`] itself, forwards every method, keeps the trait's contract and passes the conformance
 //! suite. They compose freely.
 //!
+//! - [`retry::RetrySink`]: retries transient failures with jittered exponential backoff, within
+//!   a per-operation attempt limit and a retry budget shared by all operations.
 //! - [`faults::FaultSink`]: injects errors, delays, torn uploads, lost acknowledgements and
 //!   corrupted reads, for tests.
 //! - [`metrics::MetricsSink`]: counts bytes, operations and errors and times every operation.
@@ -13,9 +15,11 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 pub mod faults;
 pub mod metrics;
+pub mod retry;
 
 pub use faults::{Fault, FaultCounts, FaultRule, FaultSink, Trigger};
 pub use metrics::{MetricsSink, MetricsSnapshot};
+pub use retry::{RetryBudgetPolicy, RetryPolicy, RetrySink, RetryStats};
 
 #[cfg(doc)]
 use crate::Sink;
