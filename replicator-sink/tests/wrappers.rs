@@ -1,18 +1,22 @@
 //! The sink wrappers: each against the conformance suite, and each doing what it promises. Every wait runs on a `SimClock`, so the run takes no real time.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use replicator_sink::clock::{Clock, SimClock, Timestamp};
 use replicator_sink::conformance::{self, Capabilities};
 use replicator_sink::wrap::metrics::LATENCY_BUCKETS;
 use replicator_sink::wrap::{
     Fault, FaultRule, FaultSink, MetricsSink, OpKind, RetryBudgetPolicy, RetryPolicy, RetrySink,
-    Trigger,
+    ThrottleConfig, ThrottleSink, Trigger, UtcOffset,
 };
-use replicator_sink::{LocalDirSink, PutMode, Sink, SinkErrorKind};
+use replicator_sink::{
+    LocalDirSink, ObjectMeta, PutMode, Sink, SinkError, SinkErrorKind, validate_key,
+};
 
 /// 2024-01-15 00:00:00 UTC.
 const DAY_START_UNIX_S: u64 = 1_705_276_800;
@@ -53,6 +57,64 @@ fn data(len: usize, seed: u8) -> Bytes {
     )
 }
 
+/// A large payload whose bytes do not matter (cheap to make, even unoptimized).
+fn filler(len: usize) -> Bytes {
+    Bytes::from(vec![0u8; len])
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// An in-memory sink whose operations complete without yielding, so that the interleaving of
+/// concurrent callers depends on the wrappers alone.
+#[derive(Debug, Default)]
+struct MemSink {
+    objects: Mutex<BTreeMap<String, Bytes>>,
+}
+
+#[async_trait]
+impl Sink for MemSink {
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), SinkError> {
+        validate_key("put", key)?;
+        let mut objects = lock(&self.objects);
+        if mode == PutMode::Create && objects.contains_key(key) {
+            return Err(SinkError::new(SinkErrorKind::AlreadyExists, "put", key, ""));
+        }
+        objects.insert(key.to_owned(), data);
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, SinkError> {
+        validate_key("get", key)?;
+        lock(&self.objects)
+            .get(key)
+            .cloned()
+            .ok_or_else(|| SinkError::new(SinkErrorKind::NotFound, "get", key, ""))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, SinkError> {
+        Ok(lock(&self.objects)
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| ObjectMeta {
+                key: k.clone(),
+                size_bytes: v.len() as u64,
+            })
+            .collect())
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), SinkError> {
+        validate_key("delete", key)?;
+        lock(&self.objects).remove(key);
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "mem".into()
+    }
+}
+
 fn generous_budget() -> RetryBudgetPolicy {
     RetryBudgetPolicy {
         retry_ratio: 0.5,
@@ -71,6 +133,18 @@ async fn retry_sink_passes_conformance() -> anyhow::Result<()> {
     let (_, clock) = clock_at(at(0, 0, 0));
     let sink = RetrySink::new(local(dir.path(), "s")?, clock, RetryPolicy::default())?;
     conformance::check_all(&sink, Capabilities::default()).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn throttle_sink_passes_conformance() -> anyhow::Result<()> {
+    let dir = scratch()?;
+    let (sim, clock) = clock_at(at(12, 0, 0));
+    let config = ThrottleConfig::parse("08:00-20:00=100Mbit/s,*=unlimited")?;
+    let sink = ThrottleSink::new(local(dir.path(), "s")?, clock, config)?;
+    conformance::check_all(&sink, Capabilities::default()).await?;
+    // The payloads went through the limit: simulated time passed.
+    assert!(sim.now().since(at(12, 0, 0)) > Duration::from_millis(100));
     Ok(())
 }
 
@@ -388,6 +462,175 @@ async fn an_ambiguous_create_that_cannot_be_read_back_stays_transient() -> anyho
     assert!(err.is_transient(), "{err}");
     assert!(err.to_string().contains("ambiguous create"), "{err}");
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Throttle
+// ---------------------------------------------------------------------------------------------
+
+fn throttle_at(spec: &str, t: Timestamp) -> anyhow::Result<(SimClock, ThrottleSink)> {
+    let (sim, clock) = clock_at(t);
+    let config = ThrottleConfig::parse(spec)?;
+    Ok((
+        sim,
+        ThrottleSink::new(Arc::new(MemSink::default()), clock, config)?,
+    ))
+}
+
+/// The simulated time one put of `len` bytes takes, starting at `t`.
+async fn put_takes(spec: &str, t: Timestamp, len: usize) -> anyhow::Result<Duration> {
+    let (sim, sink) = throttle_at(spec, t)?;
+    sink.put("t/obj", filler(len), PutMode::Overwrite).await?;
+    Ok(sim.now().since(t))
+}
+
+fn assert_near(got: Duration, want: Duration, within: Duration) {
+    let diff = got.abs_diff(want);
+    assert!(
+        diff <= within,
+        "took {got:?}, expected {want:?} ± {within:?}"
+    );
+}
+
+#[tokio::test]
+async fn hundred_megabit_moves_12_5_megabytes_in_one_simulated_second() -> anyhow::Result<()> {
+    let t = at(12, 0, 0);
+    let took = put_takes("100Mbit/s", t, 12_500_000).await?;
+    assert_near(took, Duration::from_secs(1), Duration::from_micros(1));
+
+    // Gets are charged too, once their payload arrives.
+    let (sim, sink) = throttle_at("100Mbit/s", t)?;
+    sink.inner()
+        .put("t/big", filler(12_500_000), PutMode::Overwrite)
+        .await?;
+    assert_eq!(sink.get("t/big").await?.len(), 12_500_000);
+    assert_near(
+        sim.now().since(t),
+        Duration::from_secs(1),
+        Duration::from_micros(1),
+    );
+    // Metadata is not.
+    sink.list("t/").await?;
+    sink.delete("t/big").await?;
+    assert_near(
+        sim.now().since(t),
+        Duration::from_secs(1),
+        Duration::from_micros(1),
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_schedule_switches_to_unlimited_at_20_00() -> anyhow::Result<()> {
+    let spec = "08:00-20:00=100Mbit/s,*=unlimited";
+    let office = put_takes(spec, at(14, 0, 0), 12_500_000).await?;
+    assert_near(office, Duration::from_secs(1), Duration::from_micros(1));
+    let night = put_takes(spec, at(21, 0, 0), 12_500_000).await?;
+    assert_eq!(night, Duration::ZERO);
+    let early = put_takes(spec, at(7, 59, 0), 12_500_000).await?;
+    assert_eq!(early, Duration::ZERO);
+    // A transfer half a second before 20:00 is slow until 20:00, then free. A chunk in
+    // flight at 20:00 finishes at the old rate.
+    let crossing = put_takes(
+        spec,
+        at(19, 59, 59).plus(Duration::from_millis(500)),
+        25_000_000,
+    )
+    .await?;
+    let chunk = Duration::from_secs_f64(ThrottleConfig::CHUNK_BYTES_DEFAULT as f64 / 12.5e6);
+    assert!(crossing >= Duration::from_millis(500), "{crossing:?}");
+    assert!(
+        crossing <= Duration::from_millis(500) + chunk,
+        "{crossing:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_utc_offset_shifts_the_schedule() -> anyhow::Result<()> {
+    let schedule = "08:00-20:00=100Mbit/s,*=unlimited";
+    for (offset, utc_time, slow) in [
+        ("+02:00", at(19, 0, 0), false), // 21:00 local
+        ("+02:00", at(7, 0, 0), true),   // 09:00 local
+        ("-05:00", at(2, 0, 0), false),  // 21:00 local, the day before
+        ("-05:00", at(14, 0, 0), true),  // 09:00 local
+    ] {
+        let (sim, clock) = clock_at(utc_time);
+        let config = ThrottleConfig::parse(schedule)?.with_utc_offset(UtcOffset::parse(offset)?);
+        let sink = ThrottleSink::new(Arc::new(MemSink::default()), clock, config)?;
+        sink.put("t/obj", filler(12_500_000), PutMode::Overwrite)
+            .await?;
+        let took = sim.now().since(utc_time);
+        let want = if slow {
+            Duration::from_secs(1)
+        } else {
+            Duration::ZERO
+        };
+        assert_near(took, want, Duration::from_micros(1));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_concurrent_users_get_equal_shares() -> anyhow::Result<()> {
+    let t = at(12, 0, 0);
+    let (sim, sink) = throttle_at("10MB/s", t)?;
+    let user = |name: &'static str| {
+        let sink = &sink;
+        let sim = &sim;
+        async move {
+            sink.put(name, filler(20_000_000), PutMode::Overwrite)
+                .await
+                .map(|()| sim.now().since(t))
+        }
+    };
+    let (a, b) = tokio::join!(user("users/a"), user("users/b"));
+    let (a, b) = (a?, b?);
+    // Alone, each would take 2 s; sharing the link, both take about 4 s.
+    assert_near(a, Duration::from_secs(4), Duration::from_millis(100));
+    assert_near(b, Duration::from_secs(4), Duration::from_millis(100));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_big_put_does_not_starve_small_ones() -> anyhow::Result<()> {
+    let t = at(12, 0, 0);
+    let (sim, sink) = throttle_at("10MB/s", t)?;
+    let big = async {
+        sink.put("big/one", filler(100_000_000), PutMode::Overwrite)
+            .await
+            .map(|()| sim.now().since(t))
+    };
+    let small = async {
+        for i in 0..10 {
+            sink.put(&format!("small/{i}"), filler(1_000_000), PutMode::Overwrite)
+                .await?;
+        }
+        Ok::<_, SinkError>(sim.now().since(t))
+    };
+    let (big, small) = tokio::join!(big, small);
+    // The small puts' 10 MB took half the link: 2 s, not the 11 s of waiting behind the big one.
+    assert_near(small?, Duration::from_secs(2), Duration::from_millis(100));
+    assert_near(big?, Duration::from_secs(11), Duration::from_millis(100));
+    Ok(())
+}
+
+#[test]
+fn a_bad_schedule_gives_a_clear_error() {
+    let err = ThrottleConfig::parse("08:00-20:00=100Mbit/s,*=fast").err();
+    assert_eq!(
+        err.map(|e| e.to_string()).as_deref(),
+        Some(
+            "invalid throttle schedule `08:00-20:00=100Mbit/s,*=fast`: at column 25, expected \
+             a rate: `unlimited` or a number and a unit, like `100Mbit/s` or `12.5MB/s`, found \
+             `fast`"
+        )
+    );
+    let err = ThrottleConfig::parse("8:00-20:00=100Mbit/s").err();
+    assert_eq!(
+        err.map(|e| (e.column, e.found)),
+        Some((1, "8:00".to_owned()))
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

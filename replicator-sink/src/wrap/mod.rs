@@ -4,6 +4,8 @@
 //!
 //! - [`retry::RetrySink`]: retries transient failures with jittered exponential backoff, within
 //!   a per-operation attempt limit and a retry budget shared by all operations.
+//! - [`throttle::ThrottleSink`]: limits the bytes per second of put and get payloads, by time of
+//!   day, fairly between concurrent callers.
 //! - [`faults::FaultSink`]: injects errors, delays, torn uploads, lost acknowledgements and
 //!   corrupted reads, for tests.
 //! - [`metrics::MetricsSink`]: counts bytes, operations and errors and times every operation.
@@ -16,10 +18,14 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 pub mod faults;
 pub mod metrics;
 pub mod retry;
+pub mod throttle;
 
 pub use faults::{Fault, FaultCounts, FaultRule, FaultSink, Trigger};
 pub use metrics::{MetricsSink, MetricsSnapshot};
 pub use retry::{RetryBudgetPolicy, RetryPolicy, RetrySink, RetryStats};
+pub use throttle::{
+    Rate, RateSchedule, ScheduleSpecError, ThrottleConfig, ThrottleSink, UtcOffset,
+};
 
 #[cfg(doc)]
 use crate::Sink;
