@@ -10,9 +10,10 @@ use bytes::Bytes;
 use replicator_sink::clock::{Clock, SimClock, Timestamp};
 use replicator_sink::conformance::{self, Capabilities};
 use replicator_sink::wrap::metrics::LATENCY_BUCKETS;
+use replicator_sink::wrap::shard::{fnv1a64, home_shard};
 use replicator_sink::wrap::{
     Fault, FaultRule, FaultSink, MetricsSink, OpKind, RetryBudgetPolicy, RetryPolicy, RetrySink,
-    ThrottleConfig, ThrottleSink, Trigger, UtcOffset,
+    ShardSink, ThrottleConfig, ThrottleSink, Trigger, UtcOffset,
 };
 use replicator_sink::{
     LocalDirSink, ObjectMeta, PutMode, Sink, SinkError, SinkErrorKind, validate_key,
@@ -145,6 +146,24 @@ async fn throttle_sink_passes_conformance() -> anyhow::Result<()> {
     conformance::check_all(&sink, Capabilities::default()).await?;
     // The payloads went through the limit: simulated time passed.
     assert!(sim.now().since(at(12, 0, 0)) > Duration::from_millis(100));
+    Ok(())
+}
+
+#[tokio::test]
+async fn shard_sink_passes_conformance_with_three_shards() -> anyhow::Result<()> {
+    let dir = scratch()?;
+    let shards = vec![
+        local(dir.path(), "a")?,
+        local(dir.path(), "b")?,
+        local(dir.path(), "c")?,
+    ];
+    let sink = ShardSink::new(shards.clone())?;
+    conformance::check_all(&sink, Capabilities::default()).await?;
+    // Every shard took a share of the listing check's 1200 objects.
+    for shard in &shards {
+        let held = shard.list("ls/").await?.len();
+        assert!((300..=500).contains(&held), "{}: {held}", shard.describe());
+    }
     Ok(())
 }
 
@@ -631,6 +650,203 @@ fn a_bad_schedule_gives_a_clear_error() {
         err.map(|e| (e.column, e.found)),
         Some((1, "8:00".to_owned()))
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shard
+// ---------------------------------------------------------------------------------------------
+
+const DISK: &str = "0123456789abcdef0123456789abcdef";
+
+/// Keys, their FNV-1a 64 hash, and their home shard among 2, 3, 5 and 8. Computed once by an
+/// independent implementation of the documented mapping; if this test fails, the mapping
+/// changed and objects already stored would be looked for in the wrong shard.
+const GOLDEN: &[(&str, u64, [usize; 4])] = &[
+    ("a", 0xaf63dc4c8601ec8c, [1, 2, 2, 2]),
+    ("rt/big", 0xc981489f2f2548a2, [1, 1, 4, 7]),
+    (
+        "disks/0123456789abcdef0123456789abcdef/blobs/00000000000000000007/00000000000000000001/0000000000",
+        0xbddd132e0eaf4b24,
+        [0, 0, 0, 6],
+    ),
+    (
+        "disks/0123456789abcdef0123456789abcdef/blobs/00000000000000000007/00000000000000000001/0000000001",
+        0xbddd142e0eaf4cd7,
+        [0, 2, 4, 5],
+    ),
+    (
+        "disks/0123456789abcdef0123456789abcdef/blobs/00000000000000000007/00000000000000000001/0000000002",
+        0xbddd152e0eaf4e8a,
+        [1, 2, 4, 4],
+    ),
+    (
+        "disks/0123456789abcdef0123456789abcdef/blobs/00000000000000000007/00000000000000000001/0000000003",
+        0xbddd162e0eaf503d,
+        [1, 2, 2, 7],
+    ),
+    (
+        "disks/0123456789abcdef0123456789abcdef/blobs/00000000000000000007/00000000000000000001/0000000005",
+        0xbddd102e0eaf460b,
+        [1, 1, 4, 5],
+    ),
+    (
+        "disks/0123456789abcdef0123456789abcdef/manifests/00000000000000000001",
+        0x33a37e0b662ab513,
+        [1, 1, 1, 1],
+    ),
+    (
+        "disks/0123456789abcdef0123456789abcdef/manifests/00000000000000000003",
+        0x33a3800b662ab879,
+        [0, 0, 0, 7],
+    ),
+    (
+        "disks/0123456789abcdef0123456789abcdef/acks/00000000000000000003",
+        0xf6a0c7222f15b9c3,
+        [1, 1, 1, 1],
+    ),
+];
+
+#[tokio::test]
+async fn keys_land_in_their_golden_home_shards() -> anyhow::Result<()> {
+    for &(key, hash, homes) in GOLDEN {
+        assert_eq!(fnv1a64(key), hash, "{key}");
+        for (shards, home) in [2, 3, 5, 8].into_iter().zip(homes) {
+            assert_eq!(home_shard(key, shards), home, "{key} among {shards}");
+        }
+    }
+    // And the sink puts them there.
+    let dir = scratch()?;
+    let stores = vec![
+        local(dir.path(), "a")?,
+        local(dir.path(), "b")?,
+        local(dir.path(), "c")?,
+    ];
+    let sink = ShardSink::new(stores.clone())?;
+    for &(key, _, homes) in GOLDEN {
+        sink.put(key, data(10, 0), PutMode::Create).await?;
+        for (i, store) in stores.iter().enumerate() {
+            let held = store.get(key).await.is_ok();
+            assert_eq!(held, i == homes[1], "{key} in shard {i}");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn keys_spread_evenly_over_shards() -> anyhow::Result<()> {
+    let stores: Vec<Arc<MemSink>> = (0..4).map(|_| Arc::new(MemSink::default())).collect();
+    let sink = ShardSink::new(
+        stores
+            .iter()
+            .map(|s| Arc::clone(s) as Arc<dyn Sink>)
+            .collect(),
+    )?;
+    for i in 0..1000u64 {
+        let key = format!(
+            "disks/{DISK}/blobs/{:020}/{:020}/{:010}",
+            i / 100,
+            1,
+            i % 100
+        );
+        sink.put(&key, data(1, 0), PutMode::Overwrite).await?;
+    }
+    let counts: Vec<usize> = futures::future::join_all(stores.iter().map(|s| s.list("")))
+        .await
+        .into_iter()
+        .map(|l| l.map(|l| l.len()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(counts.iter().sum::<usize>(), 1000);
+    for held in &counts {
+        assert!(
+            (200..=300).contains(held),
+            "uneven spread over 4 shards: {counts:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_object_put_with_two_shards_is_found_after_reconfiguring_to_three() -> anyhow::Result<()>
+{
+    let dir = scratch()?;
+    let (a, b, c) = (
+        local(dir.path(), "a")?,
+        local(dir.path(), "b")?,
+        local(dir.path(), "c")?,
+    );
+    let keys: Vec<String> = (0..60)
+        .map(|i| format!("disks/{DISK}/blobs/{i:010}"))
+        .collect();
+    let two = ShardSink::new(vec![Arc::clone(&a), Arc::clone(&b)])?;
+    for (i, key) in keys.iter().enumerate() {
+        two.put(key, data(i + 1, 3), PutMode::Create).await?;
+    }
+
+    let three = ShardSink::new(vec![a, b, Arc::clone(&c)])?;
+    let moved: Vec<&String> = keys.iter().filter(|k| three.home_of(k) == 2).collect();
+    assert!(
+        moved.len() >= 10,
+        "only {} keys moved to the new shard",
+        moved.len()
+    );
+    for (i, key) in keys.iter().enumerate() {
+        assert_eq!(three.get(key).await?, data(i + 1, 3), "{key}");
+    }
+    let listed = three.list("disks/").await?;
+    let listed_keys: Vec<&str> = listed.iter().map(|m| m.key.as_str()).collect();
+    let mut sorted: Vec<&str> = keys.iter().map(String::as_str).collect();
+    sorted.sort();
+    assert_eq!(listed_keys, sorted);
+
+    // A create of a key that lives in its old shard is refused, not duplicated.
+    let moved_key = moved[0].as_str();
+    let err = three
+        .put(moved_key, data(5, 9), PutMode::Create)
+        .await
+        .err();
+    assert_eq!(err.map(|e| e.kind()), Some(SinkErrorKind::AlreadyExists));
+    assert!(c.get(moved_key).await.is_err());
+
+    // An overwrite goes to the new home; gets and lists see it there, listing it once.
+    three.put(moved_key, data(5, 9), PutMode::Overwrite).await?;
+    assert_eq!(three.get(moved_key).await?, data(5, 9));
+    assert_eq!(c.get(moved_key).await?, data(5, 9));
+    let listed = three.list(moved_key).await?;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].size_bytes, 5, "the home shard's copy is listed");
+
+    // Delete removes every copy.
+    three.delete(moved_key).await?;
+    for shard in three.shards() {
+        assert!(shard.get(moved_key).await.is_err(), "{}", shard.describe());
+    }
+    let err = three.get(moved_key).await.err();
+    assert_eq!(
+        err.as_ref().map(|e| (e.kind(), e.key())),
+        Some((SinkErrorKind::NotFound, moved_key))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_get_does_not_answer_not_found_while_a_shard_is_failing() -> anyhow::Result<()> {
+    let dir = scratch()?;
+    let (_, clock) = clock_at(at(0, 0, 0));
+    let a = local(dir.path(), "a")?;
+    let b = Arc::new(FaultSink::new(local(dir.path(), "b")?, clock, 1));
+    let sink = ShardSink::new(vec![a, Arc::clone(&b) as Arc<dyn Sink>])?;
+    let key = GOLDEN[2].0; // home shard 0 of 2
+    assert_eq!(sink.home_of(key), 0);
+    b.add_rule(FaultRule::new(
+        OpKind::Get,
+        Fault::Transient,
+        Trigger::once(),
+    ))?;
+    let err = sink.get(key).await.err();
+    assert_eq!(err.map(|e| e.kind()), Some(SinkErrorKind::Transient));
+    let err = sink.get(key).await.err();
+    assert_eq!(err.map(|e| e.kind()), Some(SinkErrorKind::NotFound));
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

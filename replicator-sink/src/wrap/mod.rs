@@ -6,6 +6,7 @@
 //!   a per-operation attempt limit and a retry budget shared by all operations.
 //! - [`throttle::ThrottleSink`]: limits the bytes per second of put and get payloads, by time of
 //!   day, fairly between concurrent callers.
+//! - [`shard::ShardSink`]: spreads objects over several stores by a stable hash of the key.
 //! - [`faults::FaultSink`]: injects errors, delays, torn uploads, lost acknowledgements and
 //!   corrupted reads, for tests.
 //! - [`metrics::MetricsSink`]: counts bytes, operations and errors and times every operation.
@@ -18,11 +19,13 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 pub mod faults;
 pub mod metrics;
 pub mod retry;
+pub mod shard;
 pub mod throttle;
 
 pub use faults::{Fault, FaultCounts, FaultRule, FaultSink, Trigger};
 pub use metrics::{MetricsSink, MetricsSnapshot};
 pub use retry::{RetryBudgetPolicy, RetryPolicy, RetrySink, RetryStats};
+pub use shard::ShardSink;
 pub use throttle::{
     Rate, RateSchedule, ScheduleSpecError, ThrottleConfig, ThrottleSink, UtcOffset,
 };
