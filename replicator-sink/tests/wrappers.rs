@@ -1,4 +1,5 @@
-//! The sink wrappers: each against the conformance suite, and each doing what it promises. Every wait runs on a `SimClock`, so the run takes no real time.
+//! The sink wrappers: each against the conformance suite, alone and nested, and each doing what
+//! it promises. Every wait runs on a `SimClock`, so the run takes no real time.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -190,6 +191,73 @@ async fn metrics_sink_passes_conformance() -> anyhow::Result<()> {
     let m = sink.snapshot();
     assert!(m.put.ok > 1200, "{m}");
     assert_eq!(m.put.errors.invalid_key, 5, "{m}");
+    Ok(())
+}
+
+/// metrics(retry(throttle(shard([faults(local) x 3])))), with transient faults and lost
+/// acknowledgements under every shard: the stack as a whole still keeps the contract.
+#[tokio::test]
+async fn nested_wrappers_pass_conformance_over_faulty_shards() -> anyhow::Result<()> {
+    let dir = scratch()?;
+    let (_, clock) = clock_at(at(9, 0, 0));
+    let mut faults = Vec::new();
+    let mut shards: Vec<Arc<dyn Sink>> = Vec::new();
+    for i in 0..3u64 {
+        let f = Arc::new(FaultSink::new(
+            local(dir.path(), &format!("shard-{i}"))?,
+            Arc::clone(&clock),
+            100 + i,
+        ));
+        for op in [OpKind::Put, OpKind::Get, OpKind::List, OpKind::Delete] {
+            f.add_rule(FaultRule::new(
+                op,
+                Fault::Transient,
+                Trigger::Probability(0.02),
+            ))?;
+        }
+        f.add_rule(FaultRule::new(
+            OpKind::Put,
+            Fault::LostAck,
+            Trigger::Probability(0.02),
+        ))?;
+        f.add_rule(FaultRule::new(
+            OpKind::Get,
+            Fault::Delay(Duration::from_millis(40)),
+            Trigger::Probability(0.2),
+        ))?;
+        faults.push(Arc::clone(&f));
+        shards.push(f);
+    }
+    let shard = Arc::new(ShardSink::new(shards)?);
+    let throttle = Arc::new(ThrottleSink::new(
+        shard,
+        Arc::clone(&clock),
+        ThrottleConfig::parse("08:00-20:00=100Mbit/s,*=unlimited")?,
+    )?);
+    let policy = RetryPolicy {
+        attempts_max: 8,
+        jitter_seed: 7,
+        budget: generous_budget(),
+        ..RetryPolicy::default()
+    };
+    let retry = Arc::new(RetrySink::new(throttle, Arc::clone(&clock), policy)?);
+    let metrics = MetricsSink::new(Arc::clone(&retry) as Arc<dyn Sink>, clock);
+    assert!(
+        metrics
+            .describe()
+            .starts_with("metrics(retry(throttle(shard[faults(file://"),
+        "{}",
+        metrics.describe()
+    );
+
+    conformance::check_all(&metrics, Capabilities::default()).await?;
+
+    let injected: u64 = faults.iter().map(|f| f.counts().failures()).sum();
+    let lost_acks: u64 = faults.iter().map(|f| f.counts().lost_acks).sum();
+    assert!(injected > 20 && lost_acks > 5, "injected {injected}");
+    assert!(retry.stats().retries >= injected, "{}", retry.stats());
+    let m = metrics.snapshot();
+    assert_eq!(m.put.errors.transient + m.get.errors.transient, 0, "{m}");
     Ok(())
 }
 

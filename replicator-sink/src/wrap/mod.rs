@@ -11,6 +11,20 @@
 //!   corrupted reads, for tests.
 //! - [`metrics::MetricsSink`]: counts bytes, operations and errors and times every operation.
 //!
+//! # Composing
+//!
+//! The recommended order, outermost first, is
+//! `metrics(retry(throttle(shard([backend, backend, ...]))))`:
+//!
+//! - **metrics** outermost sees what the caller sees: one latency per call, retries and throttle
+//!   waits included. (Put a second one lower down to see the attempts.)
+//! - **retry** outside **throttle**, so that every attempt is charged to the bandwidth limit, as
+//!   it is on the wire, and so that a retry's backoff does not hold a place in the throttle queue.
+//! - **throttle** outside **shard**, so that one limit covers the machine's link to all shards.
+//!   Where each store has its own ingress cap instead, throttle each shard.
+//! - **shard** innermost, over the backends; a [`faults::FaultSink`] goes around a backend (or
+//!   one shard) in tests.
+//!
 //! Every wrapper that waits or reads the time takes an injected [`crate::clock::Clock`], so the
 //! whole stack runs on [`crate::clock::SimClock`] in tests.
 
