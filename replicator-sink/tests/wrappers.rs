@@ -255,7 +255,9 @@ async fn nested_wrappers_pass_conformance_over_faulty_shards() -> anyhow::Result
     let injected: u64 = faults.iter().map(|f| f.counts().failures()).sum();
     let lost_acks: u64 = faults.iter().map(|f| f.counts().lost_acks).sum();
     assert!(injected > 20 && lost_acks > 5, "injected {injected}");
-    assert!(retry.stats().retries >= injected, "{}", retry.stats());
+    // Each lost acknowledgement failed one put to one shard, which the retry sink retried
+    // (other faults can coincide in one fan-out operation, so they are not counted exactly).
+    assert!(retry.stats().retries >= lost_acks, "{}", retry.stats());
     let m = metrics.snapshot();
     assert_eq!(m.put.errors.transient + m.get.errors.transient, 0, "{m}");
     Ok(())
