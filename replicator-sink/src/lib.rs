@@ -12,6 +12,7 @@ pub mod conformance;
 mod error;
 mod key;
 mod local;
+pub mod wrap;
 
 pub use error::{SinkError, SinkErrorKind};
 pub use key::{MAX_KEY_LEN, validate_key};
