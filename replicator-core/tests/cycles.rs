@@ -14,6 +14,7 @@ use replicator_core::keys::MasterKey;
 use replicator_core::progress::NoProgress;
 use replicator_core::target::{HydrateConfig, Target, hydrate};
 use replicator_core::{Error, layout};
+use replicator_sink::wrap::{Fault, OpKind};
 use replicator_sink::{PutMode, Sink};
 
 #[tokio::test]
@@ -321,13 +322,13 @@ async fn a_lost_acknowledgement_is_written_again_on_the_next_run() -> anyhow::Re
     let mut w = World::new(8)?;
     w.ship().await?;
     // The ack put fails after the cycle committed (a crash between commit and ack).
-    w.sink.fail_puts_matching("/acks/", 1);
+    w.fault(OpKind::Put, Fault::Transient, "/acks/", 1)?;
     let err = w
         .hydrate()
         .await
         .err()
         .ok_or_else(|| anyhow::anyhow!("ack fault not seen"))?;
-    assert!(err.to_string().contains("injected fault"), "{err}");
+    assert!(err.to_string().contains("injected"), "{err}");
     assert_eq!(
         w.target.as_ref().map(|t| t.state().committed_cycle),
         Some(1)
@@ -357,13 +358,13 @@ async fn a_failed_ship_keeps_its_sectors_for_the_next_cycle() -> anyhow::Result<
     w.hydrate().await?;
     w.churn(50)?;
     let marked = w.source.tracker().current().count();
-    w.sink.fail_puts_matching("/manifests/", 1);
+    w.fault(OpKind::Put, Fault::Transient, "/manifests/", 1)?;
     let err = w
         .ship()
         .await
         .err()
         .ok_or_else(|| anyhow::anyhow!("manifest fault not seen"))?;
-    assert!(err.to_string().contains("injected fault"), "{err}");
+    assert!(err.to_string().contains("injected"), "{err}");
     assert_eq!(
         w.source.tracker().current().count(),
         marked,
@@ -540,6 +541,103 @@ async fn a_source_crash_after_the_manifest_before_its_state_is_saved_is_settled(
     let r = w.hydrate().await?;
     let applied: Vec<u64> = r.applied.iter().map(|a| a.cycle).collect();
     assert_eq!(applied, vec![shipped.cycle, next.cycle]);
+    assert!(w.identical());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_sink_outage_in_the_middle_of_a_cycle_fails_it_cleanly_and_the_next_heals()
+-> anyhow::Result<()> {
+    let mut w = World::new(15)?;
+    w.ship().await?;
+    w.hydrate().await?;
+    w.churn(80)?;
+    let marked = w.source.tracker().current().count();
+    // The cache goes away after two blobs of the cycle went up.
+    w.sink.add_rule(
+        replicator_sink::wrap::FaultRule::new(
+            OpKind::Put,
+            Fault::Permanent,
+            replicator_sink::wrap::Trigger::Countdown {
+                skip: 2,
+                times: u64::MAX,
+            },
+        )
+        .on_keys_containing("/blobs/"),
+    )?;
+    let err = w
+        .ship()
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("the outage went unnoticed"))?;
+    assert!(
+        err.to_string().contains("/blobs/"),
+        "the error names the object: {err}"
+    );
+    assert_eq!(w.source.tracker().current().count(), marked, "no mark lost");
+    assert!(w.source.state().in_flight.is_none());
+    let disk = w.source.disk_id();
+    assert!(
+        w.sink
+            .list(&layout::manifests_prefix(&disk))
+            .await?
+            .iter()
+            .all(|m| layout::cycle_of_key(&m.key) == Some(1)),
+        "no manifest of the failed cycle"
+    );
+    let r = w.hydrate().await?;
+    assert!(
+        r.applied.is_empty() && r.failed.is_none(),
+        "nothing to apply, nothing failed"
+    );
+
+    // The cache comes back; an outage while hydrating is retried later, not a failed cycle.
+    w.sink.clear_rules();
+    let shipped = w.ship().await?;
+    assert_eq!(shipped.changed_sectors, marked);
+    w.fault(OpKind::Get, Fault::Transient, "/blobs/", 1)?;
+    let err = w
+        .hydrate()
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("the get fault went unnoticed"))?;
+    let kind = err.downcast_ref::<Error>().map(Error::kind);
+    assert_eq!(kind, Some(ErrorKind::Transient), "{err}");
+    assert!(
+        w.target
+            .as_ref()
+            .is_some_and(|t| t.state().failed_cycles.is_empty()),
+        "a transient outage does not fail the cycle"
+    );
+    let r = w.hydrate().await?;
+    assert_eq!(r.committed_cycle, shipped.cycle);
+    assert!(w.identical());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_torn_upload_or_a_corrupted_read_is_caught_by_authentication_and_heals()
+-> anyhow::Result<()> {
+    let mut w = World::new(16)?;
+    w.ship().await?;
+    w.hydrate().await?;
+    w.churn(40)?;
+    // A backend that breaks atomicity: the put fails but leaves a truncated object behind.
+    w.fault(OpKind::Put, Fault::TornPut, "/blobs/", 1)?;
+    assert!(w.ship().await.is_err());
+    let shipped = w.ship().await?;
+    // A read that flips a bit.
+    w.fault(OpKind::Get, Fault::CorruptRead, "/blobs/", 1)?;
+    let before = w.tgt_disk.snapshot();
+    let r = w.hydrate().await?;
+    let failed = r
+        .failed
+        .ok_or_else(|| anyhow::anyhow!("a corrupted read was accepted"))?;
+    assert_eq!(failed.cycle, shipped.cycle);
+    assert!(w.tgt_disk.snapshot() == before, "nothing written");
+    w.ship().await?;
+    let r = w.hydrate().await?;
+    assert!(r.failed.is_none(), "{:?}", r.failed);
     assert!(w.identical());
     Ok(())
 }

@@ -3,11 +3,9 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
 
-use async_trait::async_trait;
-use bytes::Bytes;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use replicator_core::clock::{SimClock, Timestamp};
@@ -17,7 +15,8 @@ use replicator_core::progress::NoProgress;
 use replicator_core::source::{ShipConfig, ShipReport, Source, ship_cycle};
 use replicator_core::target::{HydrateConfig, HydrateReport, Target, hydrate};
 use replicator_core::tracker::TrackerConfig;
-use replicator_sink::{LocalDirSink, ObjectMeta, PutMode, Sink, SinkError, SinkErrorKind};
+use replicator_sink::wrap::{Fault, FaultRule, FaultSink, OpKind, Trigger};
+use replicator_sink::{LocalDirSink, Sink};
 
 pub const DISK_BYTES: u64 = 8 << 20;
 
@@ -67,67 +66,14 @@ impl BlockDevice for FailingDevice {
     }
 }
 
-/// A sink that fails puts whose key contains a marker, a given number of times.
-#[derive(Debug)]
-pub struct FaultySink {
-    pub inner: LocalDirSink,
-    pub fail_put: Mutex<Option<(String, u32)>>,
-}
-
-impl FaultySink {
-    pub fn fail_puts_matching(&self, marker: &str, times: u32) {
-        if let Ok(mut f) = self.fail_put.lock() {
-            *f = Some((marker.to_owned(), times));
-        }
-    }
-}
-
-#[async_trait]
-impl Sink for FaultySink {
-    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), SinkError> {
-        let fail = {
-            let mut guard = self
-                .fail_put
-                .lock()
-                .map_err(|_| SinkError::new(SinkErrorKind::Permanent, "put", key, "poisoned"))?;
-            match guard.as_mut() {
-                Some((marker, times)) if key.contains(marker.as_str()) && *times > 0 => {
-                    *times -= 1;
-                    true
-                }
-                _ => false,
-            }
-        };
-        if fail {
-            return Err(SinkError::new(
-                SinkErrorKind::Transient,
-                "put",
-                key,
-                "injected fault",
-            ));
-        }
-        self.inner.put(key, data, mode).await
-    }
-    async fn get(&self, key: &str) -> Result<Bytes, SinkError> {
-        self.inner.get(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, SinkError> {
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), SinkError> {
-        self.inner.delete(key).await
-    }
-    fn describe(&self) -> String {
-        format!("faulty({})", self.inner.describe())
-    }
-}
-
 /// One replication set-up: a source and a target disk in memory, state in a temporary directory.
 pub struct World {
     pub dir: tempfile::TempDir,
     pub src_disk: Arc<MemDevice>,
     pub tgt_disk: Arc<MemDevice>,
-    pub sink: Arc<FaultySink>,
+    /// The cache: a local directory behind a fault injector.
+    pub sink: Arc<FaultSink>,
+    pub local: LocalDirSink,
     pub key: MasterKey,
     pub clock: SimClock,
     pub source: Source<Arc<MemDevice>>,
@@ -156,10 +102,13 @@ impl World {
             }
             src_disk.write_at(&buf, chunk * buf.len() as u64)?;
         }
-        let sink = Arc::new(FaultySink {
-            inner: LocalDirSink::create(dir.path().join("cache"))?,
-            fail_put: Mutex::new(None),
-        });
+        let local = LocalDirSink::create(dir.path().join("cache"))?;
+        let clock = SimClock::new(Timestamp::from_unix_ms(1_700_000_000_000));
+        let sink = Arc::new(FaultSink::new(
+            Arc::new(local.clone()),
+            Arc::new(clock.clone()),
+            seed,
+        ));
         let key = MasterKey::from_bytes([7u8; 32]);
         let (source, _) = Source::open(
             &dir.path().join("src-state"),
@@ -176,8 +125,9 @@ impl World {
             src_disk,
             tgt_disk,
             sink,
+            local,
             key,
-            clock: SimClock::new(Timestamp::from_unix_ms(1_700_000_000_000)),
+            clock,
             source,
             target: Some(target),
             rng,
@@ -235,7 +185,14 @@ impl World {
     }
 
     pub fn cache_path(&self) -> &Path {
-        self.sink.inner.root()
+        self.local.root()
+    }
+
+    /// The next `times` operations of `op` on keys containing `part` fail with `fault`.
+    pub fn fault(&self, op: OpKind, fault: Fault, part: &str, times: u64) -> anyhow::Result<()> {
+        self.sink
+            .add_rule(FaultRule::new(op, fault, Trigger::times(times)).on_keys_containing(part))?;
+        Ok(())
     }
 
     /// The keys of blobs of `cycle` in the cache.
