@@ -2,7 +2,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use rand::SeedableRng;
@@ -22,9 +21,10 @@ use replicator_core::target::{
 };
 use replicator_core::tracker::TrackerConfig;
 use replicator_core::verify::verify_devices;
-use replicator_sink::{Sink, open_sink};
+use replicator_sink::Sink;
 
 use crate::bars::Bars;
+use crate::sinks::SinkArgs;
 use crate::table;
 use crate::workload::{Pattern, run_pattern};
 
@@ -121,19 +121,14 @@ fn open_device(path: &Path, what: &str) -> Result<FileDevice> {
     FileDevice::open(path).map_err(|e| usage(format!("cannot open the {what}: {e}")))
 }
 
-fn sink_of(url: &str) -> Result<Arc<dyn Sink>> {
-    open_sink(url).map_err(|e| usage(e.to_string()))
-}
-
 /// Arguments of `harness ship`.
 #[derive(Debug, clap::Args)]
 pub struct ShipArgs {
     /// The source disk: an image file or a block device.
     #[arg(long)]
     source: PathBuf,
-    /// The cache: a directory path or file:///path.
-    #[arg(long)]
-    sink: String,
+    #[command(flatten)]
+    sink: SinkArgs,
     /// The source side's state directory (tracker, pending cycles).
     #[arg(long)]
     state: PathBuf,
@@ -176,7 +171,8 @@ fn print_ship(r: &ShipReport) {
 /// `harness ship`.
 pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
     let key = read_key(&args.key_file)?;
-    let sink = sink_of(&args.sink)?;
+    let stack = args.sink.open()?;
+    let sink = &stack.sink;
     let device = open_device(&args.source, "source")?;
     let (mut source, report) = Source::open(&args.state, device, TrackerConfig::default())?;
     if report.unclean {
@@ -194,6 +190,7 @@ pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
     if !args.follow {
         let r = ship_cycle(&mut source, sink.as_ref(), &key, &clock, &cfg, &bars).await?;
         print_ship(&r);
+        println!("cache: {}", stack.report());
         return Ok(ExitCode::SUCCESS);
     }
     let policy = SchedulePolicy::default();
@@ -248,9 +245,8 @@ pub struct HydrateArgs {
     /// The target disk: an image file or a block device of the source's size.
     #[arg(long)]
     target: PathBuf,
-    /// The cache: a directory path or file:///path.
-    #[arg(long)]
-    sink: String,
+    #[command(flatten)]
+    sink: SinkArgs,
     /// The target side's state directory.
     #[arg(long)]
     state: PathBuf,
@@ -331,7 +327,8 @@ pub fn print_hydrate(r: &HydrateReport) -> bool {
 /// `harness hydrate`.
 pub async fn hydrate(args: HydrateArgs) -> Result<ExitCode> {
     let key = read_key(&args.key_file)?;
-    let sink = sink_of(&args.sink)?;
+    let stack = args.sink.open()?;
+    let sink = &stack.sink;
     let disk = resolve_disk(&args.state, args.disk.as_deref(), sink.as_ref()).await?;
     let device = open_device(&args.target, "target")?;
     let mut target = Target::open(&args.state, device, disk)?;
@@ -439,7 +436,7 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
         disk = Some(t.disk_id.clone());
     }
     if let (Some(url), Some(disk)) = (args.sink, disk) {
-        let sink = sink_of(&url)?;
+        let sink = crate::sinks::open(&[url], None, "UTC", 1)?.sink;
         let id: DiskId = disk
             .parse()
             .map_err(|e| usage(format!("bad disk id: {e}")))?;
@@ -538,9 +535,8 @@ pub fn write(args: WriteArgs) -> Result<ExitCode> {
 /// Arguments of `harness gc`.
 #[derive(Debug, clap::Args)]
 pub struct GcArgs {
-    /// The cache: a directory path or file:///path.
-    #[arg(long)]
-    sink: String,
+    #[command(flatten)]
+    sink: SinkArgs,
     /// The source side's state directory (it decides what the target may still need).
     #[arg(long)]
     state: PathBuf,
@@ -554,7 +550,8 @@ pub struct GcArgs {
 
 /// `harness gc`.
 pub async fn gc(args: GcArgs) -> Result<ExitCode> {
-    let sink = sink_of(&args.sink)?;
+    let stack = args.sink.open()?;
+    let sink = &stack.sink;
     // Holding the source's lock: no ship can start an attempt whose blobs would look abandoned.
     let dir = StateDir::open(&args.state)?;
     let state: SourceState = dir.read_json(SOURCE_FILE)?.ok_or_else(|| {

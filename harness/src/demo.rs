@@ -17,7 +17,8 @@ use replicator_core::source::{ShipConfig, Source, ship_cycle};
 use replicator_core::target::{HydrateConfig, Target, hydrate};
 use replicator_core::tracker::TrackerConfig;
 use replicator_core::verify::verify_devices;
-use replicator_sink::{LocalDirSink, Sink, open_sink};
+use replicator_sink::Sink;
+use replicator_sink::wrap::RetryPolicy;
 
 use crate::bars::Bars;
 use crate::commands::{Failed, parse_size};
@@ -48,6 +49,9 @@ pub struct DemoArgs {
     /// Default: a directory in the working directory.
     #[arg(long)]
     sink: Option<String>,
+    /// Bandwidth limit by time of day (UTC) for the cache, e.g. `08:00-20:00=100Mbit/s,*=unlimited`.
+    #[arg(long)]
+    throttle: Option<String>,
     /// Run on Linux loop devices over the image files (needs root and losetup).
     #[arg(long = "loop")]
     loop_devices: bool,
@@ -106,11 +110,17 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     let bars = Bars::new(args.quiet);
     let clock = SystemClock;
     // The sink first: a bad URL is refused before any image is made.
-    let sink: Arc<dyn Sink> = match &args.sink {
-        Some(url) => open_sink(url)
-            .map_err(|e| anyhow::Error::new(crate::commands::UsageError(e.to_string())))?,
-        None => Arc::new(LocalDirSink::create(dir.join("cache"))?),
+    let urls = match &args.sink {
+        Some(url) => vec![url.clone()],
+        None => vec![dir.join("cache").display().to_string()],
     };
+    let stack = crate::sinks::open(
+        &urls,
+        args.throttle.as_deref(),
+        "UTC",
+        RetryPolicy::default().attempts_max,
+    )?;
+    let sink: Arc<dyn Sink> = Arc::clone(&stack.sink);
     let disks = make_disks(&dir, args.size, args.loop_devices)?;
     println!(
         "replicator demo: {} source {} -> target {} via cache {}",
@@ -225,6 +235,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
             changed as f64 / stored as f64
         }
     );
+    println!("cache: {}", stack.report());
     if args.dir.is_some() {
         println!("kept {}", dir.display());
     }

@@ -7,6 +7,7 @@ mod bars;
 mod commands;
 mod demo;
 mod loopdev;
+mod sinks;
 mod table;
 mod workload;
 
