@@ -1,8 +1,10 @@
 //! The cache sink: where a replication source stages encrypted cycles and a target reads them.
 //!
-//! This crate owns the [`Sink`] trait and its contract, object key validation, and the embedded
-//! default backend, [`LocalDirSink`] (a directory on a local file system). The replication core
-//! talks to the cache only through [`Sink`]; it never learns which backend it has.
+//! This crate owns the [`Sink`] trait and its contract, object key validation, the embedded
+//! default backend, [`LocalDirSink`] (a directory on a local file system), the object-store
+//! backend, [`ObjectStoreSink`] (Azure Blob Storage, S3, memory), and [`open_sink`], which picks
+//! one from a URL. The replication core talks to the cache only through [`Sink`]; it never
+//! learns which backend it has.
 //!
 //! Everything a sink stores is already encrypted and authenticated by the core: a sink is trusted
 //! for availability only, never for confidentiality or integrity.
@@ -12,11 +14,15 @@ pub mod conformance;
 mod error;
 mod key;
 mod local;
+pub mod object;
+pub mod url;
 pub mod wrap;
 
 pub use error::{SinkError, SinkErrorKind};
 pub use key::{MAX_KEY_LEN, validate_key};
 pub use local::LocalDirSink;
+pub use object::ObjectStoreSink;
+pub use url::open_sink;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -79,28 +85,4 @@ pub trait Sink: Send + Sync + std::fmt::Debug {
     async fn delete(&self, key: &str) -> Result<(), SinkError>;
     /// A short description for messages, e.g. `file:///var/cache/replicator`.
     fn describe(&self) -> String;
-}
-
-/// Opens a sink from a URL: a plain path or `file:///absolute/path` selects [`LocalDirSink`].
-/// The directory is created if missing.
-pub fn open_sink(url: &str) -> Result<std::sync::Arc<dyn Sink>, SinkError> {
-    if let Some(rest) = url.strip_prefix("file://") {
-        if !rest.starts_with('/') {
-            return Err(SinkError::invalid_url(
-                url,
-                "a file URL needs an absolute path: file:///path/to/dir",
-            ));
-        }
-        return Ok(std::sync::Arc::new(LocalDirSink::create(rest)?));
-    }
-    if let Some((scheme, _)) = url.split_once("://") {
-        return Err(SinkError::invalid_url(
-            url,
-            &format!("unsupported sink scheme `{scheme}`; use a directory path or file:///path"),
-        ));
-    }
-    if url.is_empty() {
-        return Err(SinkError::invalid_url(url, "the sink URL is empty"));
-    }
-    Ok(std::sync::Arc::new(LocalDirSink::create(url)?))
 }
