@@ -2,7 +2,8 @@
 # Runs every check and test of the project on a fresh Debian 12 machine, as root.
 # It installs what the tests need, sets up what they use (loop devices), runs format, lint,
 # unit, property, end-to-end, CLI, golden-vector, benchmark-smoke and fuzz-smoke checks, and
-# leaves nothing behind (no loop device attached, no server running).
+# leaves nothing behind (no loop device attached, no server running: the tests start Azurite and
+# Garage on free local ports and stop them by PID).
 #
 #   scripts/test.sh            everything
 #   scripts/test.sh --quick    format, lint and tests only (no bench or fuzz smoke)
@@ -23,6 +24,8 @@ missing=()
 command -v losetup >/dev/null || missing+=(mount)
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
 command -v make >/dev/null || missing+=(make)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if ((${#missing[@]})); then
     step "installing ${missing[*]}"
     apt-get update -qq
@@ -34,6 +37,9 @@ if [[ ! -e /dev/loop-control ]]; then
     modprobe loop 2>/dev/null || die "no /dev/loop-control and 'modprobe loop' failed: this kernel needs loop device support"
 fi
 loops_before=$(losetup -a | sort)
+
+step "object-storage servers for the tests (Azurite from npm, Garage from crates.io)"
+scripts/setup-tools.sh
 
 cleanup() {
     local loops_after
