@@ -128,7 +128,8 @@ pub struct ShipArgs {
     /// The source disk: an image file or a block device.
     #[arg(long)]
     source: PathBuf,
-    /// The cache: a directory path or file:///path.
+    /// The cache: a directory path, file:///path, az://container/prefix or s3://bucket/prefix
+    /// (credentials and endpoint from the usual AZURE_* / AWS_* variables).
     #[arg(long)]
     sink: String,
     /// The source side's state directory (tracker, pending cycles).
@@ -245,7 +246,8 @@ pub struct HydrateArgs {
     /// The target disk: an image file or a block device of the source's size.
     #[arg(long)]
     target: PathBuf,
-    /// The cache: a directory path or file:///path.
+    /// The cache: a directory path, file:///path, az://container/prefix or s3://bucket/prefix
+    /// (credentials and endpoint from the usual AZURE_* / AWS_* variables).
     #[arg(long)]
     sink: String,
     /// The target side's state directory.
