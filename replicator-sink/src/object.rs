@@ -159,12 +159,6 @@ impl ObjectStoreSink {
         })
     }
 
-    /// The same sink with another create strategy (e.g. to probe what a store does).
-    pub fn with_create_strategy(mut self, create: CreateStrategy) -> Self {
-        self.create = create;
-        self
-    }
-
     /// What this sink promises, for the conformance suite.
     pub fn capabilities(&self) -> Capabilities {
         Capabilities {
