@@ -59,91 +59,51 @@ fn replicate_through(server: &impl StoreServer) -> anyhow::Result<()> {
         std::fs::File::create(dir.path().join(img))?.set_len(8 << 20)?;
     }
     let sink = format!("{url}/cli");
-    ok(&["keygen", "--out", &p("key")], server)?;
-    ok(
-        &[
-            "write",
-            "--source",
-            &p("src"),
-            "--state",
-            &p("ss"),
-            "--bytes",
-            "2M",
-        ],
-        server,
-    )?;
-    ok(
-        &[
-            "ship",
-            "--source",
-            &p("src"),
-            "--sink",
-            &sink,
-            "--state",
-            &p("ss"),
-            "--key-file",
-            &p("key"),
-        ],
-        server,
-    )?;
-    ok(
-        &[
-            "hydrate",
-            "--target",
-            &p("tgt"),
-            "--sink",
-            &sink,
-            "--state",
-            &p("ts"),
-            "--key-file",
-            &p("key"),
-        ],
-        server,
-    )?;
-    ok(
-        &[
-            "write",
-            "--source",
-            &p("src"),
-            "--state",
-            &p("ss"),
-            "--bytes",
-            "1M",
-            "--seed",
-            "9",
-            "--pattern",
-            "postgres",
-        ],
-        server,
-    )?;
-    ok(
-        &[
-            "ship",
-            "--source",
-            &p("src"),
-            "--sink",
-            &sink,
-            "--state",
-            &p("ss"),
-            "--key-file",
-            &p("key"),
-        ],
-        server,
-    )?;
-    let out = ok(
-        &[
-            "hydrate",
-            "--target",
-            &p("tgt"),
-            "--sink",
-            &sink,
-            "--state",
-            &p("ts"),
-            "--key-file",
-            &p("key"),
-        ],
-        server,
-    )?;
+    let (src, tgt, key, ss, ts) = (p("src"), p("tgt"), p("key"), p("ss"), p("ts"));
+    let write = |extra: &[&str]| {
+        let mut args = vec!["write", "--source", &src, "--state", &ss];
+        args.extend_from_slice(extra);
+        ok(&args, server)
+    };
+    let ship = || {
+        ok(
+            &[
+                "ship",
+                "--source",
+                &src,
+                "--sink",
+                &sink,
+                "--state",
+                &ss,
+                "--key-file",
+                &key,
+            ],
+            server,
+        )
+    };
+    let hydrate = || {
+        ok(
+            &[
+                "hydrate",
+                "--target",
+                &tgt,
+                "--sink",
+                &sink,
+                "--state",
+                &ts,
+                "--key-file",
+                &key,
+            ],
+            server,
+        )
+    };
+    ok(&["keygen", "--out", &key], server)?;
+    write(&["--bytes", "2M"])?;
+    ship()?;
+    hydrate()?;
+    write(&["--bytes", "1M", "--seed", "9", "--pattern", "postgres"])?;
+    ship()?;
+    let out = hydrate()?;
     assert!(out.contains("applied cycle 2"), "{out}");
     let out = ok(
         &["verify", "--source", &p("src"), "--target", &p("tgt")],
