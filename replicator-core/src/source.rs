@@ -297,23 +297,6 @@ pub async fn sync_acks<D: BlockDevice + 'static>(
     Ok((acked, carried))
 }
 
-/// Best-effort removal of a cycle's blobs and manifest (they are no longer needed).
-async fn delete_cycle_objects(sink: &dyn Sink, disk: &DiskId, cycle: u64) {
-    let mut keys: Vec<String> = match sink.list(&layout::cycle_blobs_prefix(disk, cycle)).await {
-        Ok(list) => list.into_iter().map(|m| m.key).collect(),
-        Err(e) => {
-            tracing::warn!(cycle, error = %e, "could not list a finished cycle's blobs for removal");
-            Vec::new()
-        }
-    };
-    keys.push(layout::manifest_key(disk, cycle));
-    for key in keys {
-        if let Err(e) = sink.delete(&key).await {
-            tracing::warn!(key = %key, error = %e, "could not remove a finished cycle's object");
-        }
-    }
-}
-
 /// Settles a cycle that was being written when the source stopped: if its manifest is in the
 /// cache it committed (remember it as pending); otherwise remove its blobs.
 async fn settle_in_flight<D: BlockDevice + 'static>(
@@ -354,9 +337,8 @@ async fn settle_in_flight<D: BlockDevice + 'static>(
             base_cycle: inflight.base_cycle,
         });
         src.state.next_cycle = inflight.cycle + 1;
-    } else {
-        delete_cycle_objects(sink, &disk, inflight.cycle).await;
     }
+    // Blobs of an attempt that did not commit are removed by the garbage collection that follows.
     src.state.in_flight = None;
     src.save()
 }
@@ -543,9 +525,9 @@ pub async fn ship_cycle<D: BlockDevice + 'static>(
             })
         }
         Err(e) => {
-            // Nothing of this attempt is visible without its manifest; its sectors go back.
+            // Nothing of this attempt is visible without its manifest; its sectors go back, and
+            // its blobs are removed by the next ship's garbage collection.
             src.tracker.release(false)?;
-            delete_cycle_objects(sink, &disk, cycle).await;
             src.state.in_flight = None;
             src.save()?;
             Err(e)

@@ -262,36 +262,29 @@ pub async fn hydrate<D: BlockDevice>(
         t.state.committed_acked = true;
         t.save()?;
     }
-    loop {
+    // One listing serves the whole call: cycles are applied in order, each on the one before, so
+    // a cycle passed over because its base was not committed can never apply later in this call.
+    let found = candidates(sink, &disk_key, &disk, t.state.committed_cycle).await?;
+    for (cycle, decoded) in found {
+        if t.state.failed_cycles.contains(&cycle) {
+            continue;
+        }
+        let (attempt, manifest) = match decoded {
+            Ok(v) => v,
+            Err(error) => {
+                // A manifest that fails authentication: the cycle failed.
+                fail_cycle(t, sink, &disk_key, cycle, &error).await?;
+                report.failed = Some(FailedCycle { cycle, error });
+                break;
+            }
+        };
+        if manifest.base_cycle != t.state.committed_cycle {
+            report.waiting_cycles.push(cycle);
+            continue;
+        }
         if cfg.cycles_max != 0 && report.applied.len() as u64 >= cfg.cycles_max {
             break;
         }
-        let committed = t.state.committed_cycle;
-        let found = candidates(sink, &disk_key, &disk, committed).await?;
-        let mut next = None;
-        report.waiting_cycles.clear();
-        for (cycle, decoded) in found {
-            if t.state.failed_cycles.contains(&cycle) {
-                continue;
-            }
-            match decoded {
-                Ok((attempt, manifest)) if manifest.base_cycle == committed => {
-                    next = Some((cycle, attempt, manifest));
-                    break;
-                }
-                Ok(_) => report.waiting_cycles.push(cycle),
-                Err(error) => {
-                    // A manifest that fails authentication: the cycle failed.
-                    fail_cycle(t, sink, &disk_key, cycle, &error).await?;
-                    report.failed = Some(FailedCycle { cycle, error });
-                    report.committed_cycle = t.state.committed_cycle;
-                    return Ok(report);
-                }
-            }
-        }
-        let Some((cycle, attempt, manifest)) = next else {
-            break;
-        };
         match apply_cycle(
             t, sink, &disk_key, cycle, attempt, &manifest, cfg, clock, progress,
         )
@@ -306,6 +299,8 @@ pub async fn hydrate<D: BlockDevice>(
             Err(error) => return Err(error),
         }
     }
+    let committed = t.state.committed_cycle;
+    report.waiting_cycles.retain(|c| *c > committed);
     report.committed_cycle = t.state.committed_cycle;
     Ok(report)
 }
