@@ -6,33 +6,16 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use replicator_core::format::{
-    ExtentKind, ObjectKind, SECTOR_SIZE, Session, decode_blob, peek_header,
-};
-use replicator_fuzz::{golden_disk_key, golden_expect};
+use replicator_core::format::{ExtentKind, ObjectKind, SECTOR_SIZE, decode_blob};
+use replicator_fuzz::{checked_decode, golden_disk_key, golden_expect};
 
 fuzz_target!(|data: &[u8]| {
     let key = golden_disk_key();
-    let peek = peek_header(data);
-    let decoded = decode_blob(key, data, &golden_expect());
-    if let Err(e) = &peek {
-        let _ = e.to_string();
-        assert!(
-            decoded.is_err(),
-            "peek_header rejects ({e}) but decode_blob accepts"
-        );
-    }
-    let blob = match decoded {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = e.to_string();
-            return;
-        }
+    let Some((header, blob, session)) = checked_decode(data, ObjectKind::Blob, |d| {
+        decode_blob(key, d, &golden_expect()).map(|b| (b.header.clone(), b))
+    }) else {
+        return;
     };
-    let header = peek.expect("checked above");
-    assert_eq!(blob.header, header);
-    assert_eq!(header.kind, ObjectKind::Blob);
-    assert_eq!(header.payload_len as usize, data.len() - 96);
     assert!(!blob.extents.is_empty());
     let data_sectors: u64 = blob
         .extents
@@ -52,13 +35,6 @@ fuzz_target!(|data: &[u8]| {
 
     // Re-encode under the same session: decodes to the same blob, and an
     // uncompressed body is canonical, so the bytes are identical.
-    let session = Session::new(
-        key,
-        header.disk_id,
-        header.cycle,
-        header.attempt,
-        header.salt,
-    );
     let again = session
         .encode_blob(header.seq, &blob.extents, &blob.data, 3)
         .expect("a decoded blob re-encodes");

@@ -7,37 +7,15 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use replicator_core::format::{ObjectKind, Session, decode_manifest, peek_header};
-use replicator_fuzz::{golden_disk_key, golden_expect};
+use replicator_core::format::{ObjectKind, decode_manifest};
+use replicator_fuzz::{checked_decode, golden_disk_key, golden_expect};
 
 fuzz_target!(|data: &[u8]| {
-    let key = golden_disk_key();
-    let peek = peek_header(data);
-    let decoded = decode_manifest(key, data, &golden_expect());
-    if let Err(e) = &peek {
-        let _ = e.to_string();
-        assert!(
-            decoded.is_err(),
-            "peek_header rejects ({e}) but decode_manifest accepts"
-        );
-    }
-    let (header, manifest) = match decoded {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = e.to_string();
-            return;
-        }
+    let Some((_, manifest, session)) = checked_decode(data, ObjectKind::Manifest, |d| {
+        decode_manifest(golden_disk_key(), d, &golden_expect())
+    }) else {
+        return;
     };
-    assert_eq!(Ok(&header), peek.as_ref());
-    assert_eq!(header.kind, ObjectKind::Manifest);
-    assert_eq!(header.seq, 0);
-    let session = Session::new(
-        key,
-        header.disk_id,
-        header.cycle,
-        header.attempt,
-        header.salt,
-    );
     let again = session
         .encode_manifest(&manifest)
         .expect("a decoded manifest re-encodes");

@@ -18,10 +18,10 @@ use aes_gcm::{Aes256Gcm, Key, KeyInit};
 use arbitrary::Arbitrary;
 use hkdf::Hkdf;
 use replicator_core::format::{
-    Expect, FORMAT_VERSION, HEADER_FLAGS_NONE, HEADER_LEN, HKDF_DISK_SALT, HKDF_KEY_ID_INFO,
-    HKDF_SESSION_INFO, KEY_ID_LEN, MAGIC, NONCE_LEN, OFF_ATTEMPT, OFF_CYCLE, OFF_FLAGS,
-    OFF_HEADER_CRC, OFF_KIND, OFF_NONCE, OFF_PAYLOAD_LEN, OFF_SEQ, OFF_VERSION, ObjectKind,
-    SALT_LEN,
+    Expect, FORMAT_VERSION, FormatError, HEADER_FLAGS_NONE, HEADER_LEN, HKDF_DISK_SALT,
+    HKDF_KEY_ID_INFO, HKDF_SESSION_INFO, KEY_ID_LEN, MAGIC, NONCE_LEN, OFF_ATTEMPT, OFF_CYCLE,
+    OFF_FLAGS, OFF_HEADER_CRC, OFF_KIND, OFF_NONCE, OFF_PAYLOAD_LEN, OFF_SEQ, OFF_VERSION,
+    ObjectHeader, ObjectKind, SALT_LEN, Session, peek_header,
 };
 use replicator_core::keys::{DiskId, DiskKey, MasterKey};
 use sha2::Sha256;
@@ -63,6 +63,47 @@ pub fn golden_expect() -> Expect {
         seq: None,
         tag: None,
     }
+}
+
+/// The checks every raw-bytes decode target makes: a header `peek_header` rejects is never
+/// decoded, and a decoded object's header is the peeked one, of `kind`, with seq 0 unless it is a
+/// blob; error messages render. Returns the decoded value, its header and the session that must
+/// re-encode it, or `None` if `data` did not decode.
+pub fn checked_decode<T>(
+    data: &[u8],
+    kind: ObjectKind,
+    decode: impl FnOnce(&[u8]) -> Result<(ObjectHeader, T), FormatError>,
+) -> Option<(ObjectHeader, T, Session)> {
+    let peek = peek_header(data);
+    let decoded = decode(data);
+    if let Err(e) = &peek {
+        let _ = e.to_string();
+        assert!(
+            decoded.is_err(),
+            "peek_header rejects ({e}) but the {kind} decoder accepts"
+        );
+    }
+    let (header, value) = match decoded {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = e.to_string();
+            return None;
+        }
+    };
+    assert_eq!(Ok(&header), peek.as_ref());
+    assert_eq!(header.kind, kind);
+    assert_eq!(header.payload_len as usize, data.len() - HEADER_LEN);
+    if kind != ObjectKind::Blob {
+        assert_eq!(header.seq, 0);
+    }
+    let session = Session::new(
+        golden_disk_key(),
+        header.disk_id,
+        header.cycle,
+        header.attempt,
+        header.salt,
+    );
+    Some((header, value, session))
 }
 
 // ---------------------------------------------------------------------------
