@@ -34,7 +34,7 @@ use replicator_core::keys::MasterKey;
 use replicator_core::progress::NoProgress;
 use replicator_core::source::{ShipConfig, Source, ship_cycle};
 use replicator_core::target::{HydrateConfig, Target, hydrate};
-use replicator_core::tracker::TrackerConfig;
+use replicator_core::tracker::{CbtTracker, TrackerConfig};
 use replicator_sink::LocalDirSink;
 use tempfile::TempDir;
 use tokio::runtime::Runtime;
@@ -65,7 +65,7 @@ struct Phases {
 /// A source and a target replicating one disk through a local cache, past the initial copy.
 struct Replication {
     rt: Runtime,
-    source: Source<MemDevice>,
+    source: Source<CbtTracker<MemDevice>>,
     target: Target<MemDevice>,
     sink: LocalDirSink,
     key: MasterKey,

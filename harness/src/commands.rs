@@ -19,7 +19,7 @@ use replicator_core::state::{
 use replicator_core::target::{
     HydrateConfig, HydrateReport, Target, discover_disks, hydrate as hydrate_cycles,
 };
-use replicator_core::tracker::TrackerConfig;
+use replicator_core::tracker::{ChangeTracker, TrackerConfig};
 use replicator_core::verify::verify_devices;
 use replicator_sink::Sink;
 
@@ -527,7 +527,7 @@ pub fn write(args: WriteArgs) -> Result<ExitCode> {
         "wrote {} in {writes} {} writes; {} now marked for the next cycle",
         table::bytes(args.bytes),
         args.pattern.name(),
-        table::bytes(tracker.current().count() * 512)
+        table::bytes(tracker.current()?.count() * 512)
     );
     Ok(ExitCode::SUCCESS)
 }

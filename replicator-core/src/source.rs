@@ -27,9 +27,9 @@ use crate::keys::{DiskId, DiskKey, MasterKey};
 use crate::layout;
 use crate::progress::Progress;
 use crate::state::{
-    InFlightCycle, PendingCycle, SOURCE_FILE, STATE_VERSION, SourceState, StateDir,
+    InFlightCycle, PendingCycle, ResyncState, SOURCE_FILE, STATE_VERSION, SourceState, StateDir,
 };
-use crate::tracker::{CbtTracker, OpenReport, TrackerConfig};
+use crate::tracker::{CbtTracker, ChangeTracker, OpenReport, TrackerConfig};
 
 /// Granularity of all-zero detection inside an extent: 4 KiB.
 pub const ZERO_DETECT_BYTES: u64 = 4096;
@@ -105,79 +105,121 @@ impl ShipReport {
 
 /// The source side of one disk: its state directory and its tracker.
 #[derive(Debug)]
-pub struct Source<D: BlockDevice + 'static> {
+pub struct Source<T: ChangeTracker + ?Sized + 'static> {
     dir: StateDir,
     state: SourceState,
     disk_id: DiskId,
-    tracker: Arc<CbtTracker<D>>,
+    tracker: Arc<T>,
 }
 
 fn pending_file(cycle: u64) -> String {
     format!("pending-{cycle}.bmap")
 }
 
-impl<D: BlockDevice + 'static> Source<D> {
-    /// Opens (or starts) the source side in `state_path` for `device`. The tracker recovers any
-    /// marks an unclean stop left in its activity log.
+impl<D: BlockDevice + 'static> Source<CbtTracker<D>> {
+    /// Opens (or starts) the source side in `state_path` for `device`, tracked by a
+    /// [`CbtTracker`] kept in the state directory's `tracker/`. The tracker recovers any marks an
+    /// unclean stop left in its activity log.
     pub fn open(
         state_path: &Path,
         device: D,
         tracker_cfg: TrackerConfig,
     ) -> Result<(Self, OpenReport)> {
+        Source::open_with(state_path, |tracker_dir| {
+            let (tracker, report) = CbtTracker::open(device, tracker_dir, tracker_cfg)?;
+            Ok((Arc::new(tracker), report))
+        })
+    }
+}
+
+impl<T: ChangeTracker + ?Sized + 'static> Source<T> {
+    /// Opens (or starts) the source side in `state_path`, with the tracker `open_tracker` opens.
+    /// It is called once the state directory is locked, with a directory inside it that the
+    /// tracker may keep its state in. A tracker whose generation is not the one this source
+    /// shipped with (state from another disk, or made anew) forces a checksum resync.
+    pub fn open_with<F>(state_path: &Path, open_tracker: F) -> Result<(Self, OpenReport)>
+    where
+        F: FnOnce(&Path) -> Result<(Arc<T>, OpenReport)>,
+    {
         let dir = StateDir::open(state_path)?;
-        let disk_bytes = device.size_bytes();
-        let state = match dir.read_json::<SourceState>(SOURCE_FILE)? {
+        let existing = dir.read_json::<SourceState>(SOURCE_FILE)?;
+        if let Some(s) = &existing
+            && s.version != STATE_VERSION
+        {
+            return Err(Error::state(
+                dir.file(SOURCE_FILE),
+                format!("unsupported version {}", s.version),
+            ));
+        }
+        let (tracker, mut report) = open_tracker(&dir.file("tracker"))?;
+        let disk_bytes = tracker.disk_bytes();
+        let mut state = match existing {
             Some(s) => {
-                if s.version != STATE_VERSION {
-                    return Err(Error::state(
-                        dir.file(SOURCE_FILE),
-                        format!("unsupported version {}", s.version),
-                    ));
-                }
                 if s.disk_bytes != disk_bytes {
                     return Err(Error::InvalidInput(format!(
                         "source {} is {disk_bytes} bytes but state {} was made for a {}-byte disk; \
                          use the state directory that belongs to this disk",
-                        device.name(),
+                        tracker.name(),
                         state_path.display(),
                         s.disk_bytes
                     )));
                 }
                 s
             }
-            None => {
-                let s = SourceState {
-                    version: STATE_VERSION,
-                    disk_id: DiskId::generate()?.to_string(),
-                    disk_bytes,
-                    next_cycle: 1,
-                    attempts: 0,
-                    acked_cycle: 0,
-                    pending: Vec::new(),
-                    in_flight: None,
-                };
-                dir.write_json(SOURCE_FILE, &s)?;
-                s
-            }
+            None => SourceState {
+                version: STATE_VERSION,
+                disk_id: DiskId::generate()?.to_string(),
+                disk_bytes,
+                next_cycle: 1,
+                attempts: 0,
+                acked_cycle: 0,
+                pending: Vec::new(),
+                in_flight: None,
+                tracker_kind: None,
+                tracker_generation: None,
+                target_generation: None,
+                resync: None,
+            },
         };
+        let generation = tracker.generation().to_string();
+        match state.tracker_generation.as_deref() {
+            Some(known) if known != generation && state.next_cycle > 1 => {
+                let reason = format!(
+                    "the {} tracker's state (generation {generation}) is not the one this disk was \
+                     shipped with ({} generation {known}): it belongs to another disk or was made \
+                     anew, so its marks cannot be trusted",
+                    tracker.kind(),
+                    state.tracker_kind.as_deref().unwrap_or("?"),
+                );
+                tracing::warn!(%reason, "forcing a checksum resync");
+                state.resync.get_or_insert(ResyncState {
+                    reason: reason.clone(),
+                    requested: None,
+                });
+                report.lost.get_or_insert(reason);
+            }
+            _ => {}
+        }
+        state.tracker_kind = Some(tracker.kind().to_owned());
+        state.tracker_generation = Some(generation);
+        dir.write_json(SOURCE_FILE, &state)?;
         let disk_id: DiskId = state
             .disk_id
             .parse()
             .map_err(|e| Error::state(dir.file(SOURCE_FILE), format!("bad disk_id: {e}")))?;
-        let (tracker, report) = CbtTracker::open(device, &dir.file("tracker"), tracker_cfg)?;
         Ok((
             Source {
                 dir,
                 state,
                 disk_id,
-                tracker: Arc::new(tracker),
+                tracker,
             },
             report,
         ))
     }
 
     /// The tracker: write to the source disk through it so every change is shipped.
-    pub fn tracker(&self) -> &Arc<CbtTracker<D>> {
+    pub fn tracker(&self) -> &Arc<T> {
         &self.tracker
     }
 
@@ -207,8 +249,8 @@ impl<D: BlockDevice + 'static> Source<D> {
 /// Reads the target's acknowledgements and updates the source: applied cycles are forgotten (and
 /// their objects removed from the cache), failed ones have their sectors merged into the tracker's
 /// current epoch. Returns (acked, carried).
-pub async fn sync_acks<D: BlockDevice + 'static>(
-    src: &mut Source<D>,
+pub async fn sync_acks<T: ChangeTracker + ?Sized + 'static>(
+    src: &mut Source<T>,
     sink: &dyn Sink,
     disk_key: &DiskKey,
 ) -> Result<(Vec<u64>, Vec<u64>)> {
@@ -255,6 +297,16 @@ pub async fn sync_acks<D: BlockDevice + 'static>(
                     .filter(|p| p.cycle <= cycle)
                     .map(|p| p.cycle)
                     .collect();
+                if let Some(epoch) = src
+                    .state
+                    .pending
+                    .iter()
+                    .filter(|p| p.cycle <= cycle)
+                    .map(|p| p.epoch)
+                    .max()
+                {
+                    src.tracker.acknowledged(epoch)?;
+                }
                 src.state.pending.retain(|p| p.cycle > cycle);
                 if src.state.pending.len() != before || !done.is_empty() {
                     acked.extend(done);
@@ -278,7 +330,7 @@ pub async fn sync_acks<D: BlockDevice + 'static>(
                     let bitmap = src
                         .dir
                         .read_bitmap(&pending_file(*c), src.state.disk_bytes / SECTOR_SIZE)?;
-                    src.tracker.merge(&bitmap)?;
+                    src.tracker.carry(&bitmap)?;
                 }
                 src.state.pending.retain(|p| p.cycle < cycle);
                 carried.extend(dead);
@@ -299,8 +351,8 @@ pub async fn sync_acks<D: BlockDevice + 'static>(
 
 /// Settles a cycle that was being written when the source stopped: if its manifest is in the
 /// cache it committed (remember it as pending); otherwise remove its blobs.
-async fn settle_in_flight<D: BlockDevice + 'static>(
-    src: &mut Source<D>,
+async fn settle_in_flight<T: ChangeTracker + ?Sized + 'static>(
+    src: &mut Source<T>,
     sink: &dyn Sink,
     disk_key: &DiskKey,
 ) -> Result<()> {
@@ -335,6 +387,7 @@ async fn settle_in_flight<D: BlockDevice + 'static>(
         src.state.pending.push(PendingCycle {
             cycle: inflight.cycle,
             base_cycle: inflight.base_cycle,
+            epoch: inflight.epoch,
         });
         src.state.next_cycle = inflight.cycle + 1;
     }
@@ -439,8 +492,8 @@ struct EncodedBlob {
 }
 
 /// Ships one cycle: the initial full copy if none was shipped yet, else a delta.
-pub async fn ship_cycle<D: BlockDevice + 'static>(
-    src: &mut Source<D>,
+pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
+    src: &mut Source<T>,
     sink: &dyn Sink,
     key: &MasterKey,
     clock: &dyn Clock,
@@ -482,6 +535,7 @@ pub async fn ship_cycle<D: BlockDevice + 'static>(
         cycle,
         attempt,
         base_cycle,
+        epoch: frozen.epoch,
     });
     // Persist the attempt before anything is encrypted under it.
     if let Err(e) = src.save() {
@@ -504,7 +558,11 @@ pub async fn ship_cycle<D: BlockDevice + 'static>(
     match result {
         Ok((blob_count, stored_bytes, zero_bytes)) => {
             src.dir.write_bitmap(&pending_file(cycle), &frozen.bitmap)?;
-            src.state.pending.push(PendingCycle { cycle, base_cycle });
+            src.state.pending.push(PendingCycle {
+                cycle,
+                base_cycle,
+                epoch: frozen.epoch,
+            });
             src.state.next_cycle = cycle + 1;
             src.state.in_flight = None;
             src.save()?;
@@ -536,8 +594,8 @@ pub async fn ship_cycle<D: BlockDevice + 'static>(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn write_cycle<D: BlockDevice + 'static>(
-    src: &Source<D>,
+async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
+    src: &Source<T>,
     sink: &dyn Sink,
     disk_key: &DiskKey,
     cycle: u64,

@@ -165,6 +165,9 @@ pub struct PendingCycle {
     pub cycle: u64,
     /// The target cycle it applies on top of.
     pub base_cycle: u64,
+    /// The tracker epoch it froze (told to the tracker when the target acknowledges it).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// A cycle whose blobs were being written when the source stopped.
@@ -176,6 +179,19 @@ pub struct InFlightCycle {
     pub attempt: u64,
     /// Its base cycle.
     pub base_cycle: u64,
+    /// The tracker epoch it froze.
+    #[serde(default)]
+    pub epoch: u64,
+}
+
+/// A checksum resync the source owes the target: until it is done, no delta is shipped.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResyncState {
+    /// Why (lost tracking, a generation mismatch, the operator asked).
+    pub reason: String,
+    /// The number of the digest-catalog request put in the cache for it, once put.
+    #[serde(default)]
+    pub requested: Option<u64>,
 }
 
 /// `source.json`: the source side's memory.
@@ -198,6 +214,19 @@ pub struct SourceState {
     pub pending: Vec<PendingCycle>,
     /// A cycle whose blobs were being written, if the source stopped mid-cycle.
     pub in_flight: Option<InFlightCycle>,
+    /// The kind of tracker the disk was last shipped with (`cbt`, `hrl`, `kernel`).
+    #[serde(default)]
+    pub tracker_kind: Option<String>,
+    /// That tracker state's generation: another one means its marks cannot be trusted.
+    #[serde(default)]
+    pub tracker_generation: Option<String>,
+    /// The target state's generation, from its acknowledgements: another one means the target
+    /// was replaced or restored.
+    #[serde(default)]
+    pub target_generation: Option<String>,
+    /// A checksum resync to do before the next delta.
+    #[serde(default)]
+    pub resync: Option<ResyncState>,
 }
 
 /// `target.json`: the target side's memory.

@@ -13,6 +13,7 @@ use replicator_core::format::FormatError;
 use replicator_core::keys::MasterKey;
 use replicator_core::progress::NoProgress;
 use replicator_core::target::{HydrateConfig, Target, hydrate};
+use replicator_core::tracker::ChangeTracker;
 use replicator_core::{Error, layout};
 use replicator_sink::wrap::{Fault, OpKind};
 use replicator_sink::{PutMode, Sink};
@@ -357,7 +358,7 @@ async fn a_failed_ship_keeps_its_sectors_for_the_next_cycle() -> anyhow::Result<
     w.ship().await?;
     w.hydrate().await?;
     w.churn(50)?;
-    let marked = w.source.tracker().current().count();
+    let marked = w.source.tracker().current()?.count();
     w.fault(OpKind::Put, Fault::Transient, "/manifests/", 1)?;
     let err = w
         .ship()
@@ -366,7 +367,7 @@ async fn a_failed_ship_keeps_its_sectors_for_the_next_cycle() -> anyhow::Result<
         .ok_or_else(|| anyhow::anyhow!("manifest fault not seen"))?;
     assert!(err.to_string().contains("injected"), "{err}");
     assert_eq!(
-        w.source.tracker().current().count(),
+        w.source.tracker().current()?.count(),
         marked,
         "sectors went back to the tracker"
     );
@@ -434,7 +435,7 @@ async fn a_source_restart_loses_no_mark() -> anyhow::Result<()> {
     w.ship().await?;
     w.hydrate().await?;
     w.churn(30)?;
-    let marked = w.source.tracker().current();
+    let marked = w.source.tracker().current()?;
     // Reopen the source state as after a crash: the tracker was never checkpointed after the
     // writes, so its activity log must bring the marks back.
     let dir = w.dir.path().join("src-state");
@@ -453,7 +454,7 @@ async fn a_source_restart_loses_no_mark() -> anyhow::Result<()> {
         "the activity log shows writes after the last checkpoint"
     );
     let mut missing = marked.clone();
-    missing.difference_with(&reopened.tracker().current())?;
+    missing.difference_with(&reopened.tracker().current()?)?;
     assert!(
         missing.is_empty(),
         "{} marked sectors lost in the restart",
@@ -520,6 +521,7 @@ async fn a_source_crash_after_the_manifest_before_its_state_is_saved_is_settled(
         cycle: shipped.cycle,
         attempt: state.attempts,
         base_cycle: pending.base_cycle,
+        epoch: pending.epoch,
     });
     std::fs::write(&path, serde_json::to_vec(&state)?)?;
     std::fs::remove_file(state_dir.join(format!("pending-{}.bmap", shipped.cycle)))?;
@@ -552,7 +554,7 @@ async fn a_sink_outage_in_the_middle_of_a_cycle_fails_it_cleanly_and_the_next_he
     w.ship().await?;
     w.hydrate().await?;
     w.churn(80)?;
-    let marked = w.source.tracker().current().count();
+    let marked = w.source.tracker().current()?.count();
     // The cache goes away after two blobs of the cycle went up.
     w.sink.add_rule(
         replicator_sink::wrap::FaultRule::new(
@@ -574,7 +576,11 @@ async fn a_sink_outage_in_the_middle_of_a_cycle_fails_it_cleanly_and_the_next_he
         err.to_string().contains("/blobs/"),
         "the error names the object: {err}"
     );
-    assert_eq!(w.source.tracker().current().count(), marked, "no mark lost");
+    assert_eq!(
+        w.source.tracker().current()?.count(),
+        marked,
+        "no mark lost"
+    );
     assert!(w.source.state().in_flight.is_none());
     let disk = w.source.disk_id();
     assert!(

@@ -14,7 +14,7 @@ use replicator_core::keys::MasterKey;
 use replicator_core::progress::NoProgress;
 use replicator_core::source::{ShipConfig, ShipReport, Source, ship_cycle};
 use replicator_core::target::{HydrateConfig, HydrateReport, Target, hydrate};
-use replicator_core::tracker::TrackerConfig;
+use replicator_core::tracker::{CbtTracker, TrackerConfig};
 use replicator_sink::wrap::{Fault, FaultRule, FaultSink, OpKind, Trigger};
 use replicator_sink::{LocalDirSink, Sink};
 
@@ -76,7 +76,7 @@ pub struct World {
     pub local: LocalDirSink,
     pub key: MasterKey,
     pub clock: SimClock,
-    pub source: Source<Arc<MemDevice>>,
+    pub source: Source<CbtTracker<Arc<MemDevice>>>,
     pub target: Option<Target<Arc<MemDevice>>>,
     pub rng: ChaCha8Rng,
     /// Small blobs, so that a delta spreads over several.

@@ -37,8 +37,12 @@ use crate::bitmap::{Extent, SECTOR_SIZE, SectorBitmap};
 use crate::device::{BlockDevice, DeviceError, DeviceOp, check_range};
 use crate::error::{Error, Result};
 use crate::state::write_atomic;
+use crate::tracker::{ChangeTracker, Frozen, GENERATION_LEN, Generation};
 
-const CKPT_MAGIC: &[u8; 8] = b"RPLTRCK1";
+const CKPT_MAGIC_V1: &[u8; 8] = b"RPLTRCK1";
+const CKPT_MAGIC: &[u8; 8] = b"RPLTRCK2";
+/// Longest lost-tracking reason kept in a checkpoint.
+const LOST_REASON_BYTES_MAX: usize = 1024;
 const AL_RECORD_LEN: usize = 16;
 const AL_MAGIC: u32 = 0x4C41_5052; // "RPAL"
 const CKPT_FILE: &str = "tracker.ckpt";
@@ -68,17 +72,8 @@ impl Default for TrackerConfig {
     }
 }
 
-/// What [`CbtTracker::freeze`] hands the cycle.
-#[derive(Clone, Debug)]
-pub struct Frozen {
-    /// The frozen epoch's number.
-    pub epoch: u64,
-    /// The sectors changed in that epoch (what the cycle must ship).
-    pub bitmap: SectorBitmap,
-}
-
 /// Recovery facts from opening a tracker.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OpenReport {
     /// The previous run stopped without a checkpoint (a crash).
     pub unclean: bool,
@@ -86,6 +81,8 @@ pub struct OpenReport {
     pub regions_recovered: u64,
     /// A frozen epoch that never committed was merged back.
     pub frozen_merged: bool,
+    /// The tracker cannot vouch for its marks (why): the next cycle compares checksums.
+    pub lost: Option<String>,
 }
 
 #[derive(Debug)]
@@ -98,6 +95,8 @@ struct FrozenEpoch {
     cow: BTreeMap<u64, (u64, CowLoc)>,
     cow_bytes: u64,
     exhausted: bool,
+    /// It was frozen while tracking was lost: a committed release clears the lost state.
+    lost: bool,
 }
 
 #[derive(Debug)]
@@ -109,6 +108,8 @@ enum CowLoc {
 #[derive(Debug)]
 struct Inner {
     epoch: u64,
+    /// Why the marks cannot be trusted, until a committed cycle compared the whole disk.
+    lost: Option<String>,
     current: SectorBitmap,
     frozen: Option<FrozenEpoch>,
     active_regions: BTreeSet<u64>,
@@ -123,6 +124,7 @@ pub struct CbtTracker<D: BlockDevice> {
     name: String,
     cfg: TrackerConfig,
     dir: Option<PathBuf>,
+    generation: Generation,
     inner: Mutex<Inner>,
 }
 
@@ -136,8 +138,11 @@ impl<D: BlockDevice> CbtTracker<D> {
             name,
             cfg,
             dir: None,
+            // Nothing persists, so nothing can be mistaken for it: a fixed generation.
+            generation: Generation([0; GENERATION_LEN]),
             inner: Mutex::new(Inner {
                 epoch: 1,
+                lost: None,
                 current: SectorBitmap::new(sectors),
                 frozen: None,
                 active_regions: BTreeSet::new(),
@@ -154,13 +159,42 @@ impl<D: BlockDevice> CbtTracker<D> {
         let sectors = dev.size_bytes() / SECTOR_SIZE;
         let mut report = OpenReport::default();
         let ckpt_path = dir.join(CKPT_FILE);
-        let (epoch, mut current, frozen) = match std::fs::read(&ckpt_path) {
-            Ok(bytes) => decode_checkpoint(&bytes, &ckpt_path, sectors)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                (1, SectorBitmap::new(sectors), None)
-            }
+        let ckpt = match std::fs::read(&ckpt_path) {
+            Ok(bytes) => match decode_checkpoint(&bytes, &ckpt_path, sectors) {
+                Ok(c) => c,
+                // A resized or swapped device is the operator's to sort out, not ours to guess.
+                Err(e @ Error::InvalidInput(_)) => return Err(e),
+                Err(e) => {
+                    // A damaged checkpoint: the marks are unknown, so tracking is lost and the
+                    // next cycle compares checksums rather than re-seeding everything.
+                    let reason = format!("the tracker checkpoint could not be read ({e})");
+                    tracing::warn!(path = %ckpt_path.display(), %reason, "tracking lost");
+                    Checkpoint {
+                        generation: Generation::generate()?,
+                        epoch: 1,
+                        lost: Some(reason),
+                        current: SectorBitmap::full(sectors),
+                        frozen: None,
+                    }
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Checkpoint {
+                generation: Generation::generate()?,
+                epoch: 1,
+                lost: None,
+                current: SectorBitmap::new(sectors),
+                frozen: None,
+            },
             Err(e) => return Err(Error::state_io(&ckpt_path, "cannot read", e)),
         };
+        let Checkpoint {
+            generation,
+            epoch,
+            lost,
+            mut current,
+            frozen,
+        } = ckpt;
+        report.lost = lost.clone();
         if let Some(frozen) = frozen {
             current.union_with(&frozen)?;
             report.frozen_merged = true;
@@ -198,8 +232,10 @@ impl<D: BlockDevice> CbtTracker<D> {
             name,
             cfg,
             dir: Some(dir.to_path_buf()),
+            generation,
             inner: Mutex::new(Inner {
                 epoch,
+                lost,
                 current,
                 frozen: None,
                 active_regions: BTreeSet::new(),
@@ -223,160 +259,17 @@ impl<D: BlockDevice> CbtTracker<D> {
         &self.dev
     }
 
-    /// The number of the current (unfrozen) epoch.
-    pub fn epoch(&self) -> u64 {
-        self.lock().epoch
-    }
-
-    /// A copy of the current epoch's bitmap.
-    pub fn current(&self) -> SectorBitmap {
-        self.lock().current.clone()
-    }
-
     /// Whether an epoch is frozen.
     pub fn is_frozen(&self) -> bool {
         self.lock().frozen.is_some()
     }
 
-    /// Marks the whole disk changed (before an initial full copy) and persists that.
-    pub fn mark_all(&self) -> Result<()> {
-        let mut inner = self.lock();
-        let sectors = inner.current.disk_sectors();
-        inner.current = SectorBitmap::full(sectors);
-        self.checkpoint_locked(&mut inner)
-    }
-
-    /// Adds `sectors` to the current epoch (a failed cycle's sectors carried forward) and persists.
-    pub fn merge(&self, sectors: &SectorBitmap) -> Result<()> {
-        let mut inner = self.lock();
-        inner.current.union_with(sectors)?;
-        self.checkpoint_locked(&mut inner)
-    }
-
-    /// Removes every mark, frozen or current (the target side, between cycles).
+    /// Removes every mark of the current epoch and returns them (the target side, between
+    /// cycles).
     pub fn take_current(&self) -> SectorBitmap {
         let mut inner = self.lock();
         let sectors = inner.current.disk_sectors();
         std::mem::replace(&mut inner.current, SectorBitmap::new(sectors))
-    }
-
-    /// Freezes the current epoch: its bitmap becomes the frozen cycle's, and later writes go to a
-    /// new epoch. Persisted before it returns. Fails if an epoch is already frozen.
-    pub fn freeze(&self) -> Result<Frozen> {
-        let mut inner = self.lock();
-        if let Some(f) = &inner.frozen {
-            return Err(Error::InvalidInput(format!(
-                "{}: epoch {} is already frozen by a running cycle",
-                self.name, f.epoch
-            )));
-        }
-        let sectors = inner.current.disk_sectors();
-        let bitmap = std::mem::replace(&mut inner.current, SectorBitmap::new(sectors));
-        let epoch = inner.epoch;
-        inner.epoch += 1;
-        inner.frozen = Some(FrozenEpoch {
-            epoch,
-            unread: bitmap.clone(),
-            bitmap: bitmap.clone(),
-            cow: BTreeMap::new(),
-            cow_bytes: 0,
-            exhausted: false,
-        });
-        if let Some(f) = inner.cow_file.as_ref() {
-            f.set_len(0)
-                .map_err(|e| Error::state_io(self.cow_path(), "cannot reset", e))?;
-        }
-        self.checkpoint_locked(&mut inner)?;
-        Ok(Frozen { epoch, bitmap })
-    }
-
-    /// Reads `buf.len()` bytes at `offset_bytes` as they were when the epoch was frozen. Every
-    /// sector of the range must be in the frozen bitmap. Those sectors need no preserving after.
-    pub fn read_frozen(&self, buf: &mut [u8], offset_bytes: u64) -> Result<()> {
-        let mut inner = self.lock();
-        let Inner {
-            frozen, cow_file, ..
-        } = &mut *inner;
-        let Some(frozen) = frozen.as_mut() else {
-            return Err(Error::InvalidInput(format!(
-                "{}: no epoch is frozen",
-                self.name
-            )));
-        };
-        if frozen.exhausted {
-            return Err(Error::CowExhausted {
-                limit_bytes: self.cfg.cow_bytes_max,
-            });
-        }
-        if !offset_bytes.is_multiple_of(SECTOR_SIZE)
-            || !(buf.len() as u64).is_multiple_of(SECTOR_SIZE)
-        {
-            return Err(Error::InvalidInput(format!(
-                "{}: frozen reads must be sector-aligned (offset {offset_bytes}, length {})",
-                self.name,
-                buf.len()
-            )));
-        }
-        self.dev.read_at(buf, offset_bytes)?;
-        let start = offset_bytes / SECTOR_SIZE;
-        let count = buf.len() as u64 / SECTOR_SIZE;
-        let end = start + count;
-        // Overlay preserved sectors overlapping [start, end).
-        let first_key = frozen
-            .cow
-            .range(..=start)
-            .next_back()
-            .map(|(k, _)| *k)
-            .unwrap_or(start);
-        for (&cow_start, (cow_count, loc)) in frozen.cow.range(first_key..end) {
-            let cow_end = cow_start + cow_count;
-            let lo = cow_start.max(start);
-            let hi = cow_end.min(end);
-            if lo >= hi {
-                continue;
-            }
-            let dst = &mut buf
-                [((lo - start) * SECTOR_SIZE) as usize..((hi - start) * SECTOR_SIZE) as usize];
-            let skip = (lo - cow_start) * SECTOR_SIZE;
-            match loc {
-                CowLoc::Mem(bytes) => {
-                    dst.copy_from_slice(&bytes[skip as usize..skip as usize + dst.len()])
-                }
-                CowLoc::File(at) => {
-                    let file = cow_file.as_ref().ok_or_else(|| {
-                        Error::state(self.cow_path(), "copy-on-write file missing")
-                    })?;
-                    file.read_exact_at(dst, at + skip).map_err(|e| {
-                        Error::state_io(self.cow_path(), "cannot read preserved sectors", e)
-                    })?;
-                }
-            }
-        }
-        frozen.unread.clear_sectors(start, count)?;
-        Ok(())
-    }
-
-    /// Ends the frozen epoch. `committed`: the cycle is safely in the cache (its sectors are
-    /// remembered elsewhere), so they are dropped; otherwise they go back into the current epoch.
-    pub fn release(&self, committed: bool) -> Result<()> {
-        let mut inner = self.lock();
-        let Some(frozen) = inner.frozen.take() else {
-            return Ok(());
-        };
-        if !committed {
-            inner.current.union_with(&frozen.bitmap)?;
-        }
-        if let Some(f) = inner.cow_file.as_ref() {
-            f.set_len(0)
-                .map_err(|e| Error::state_io(self.cow_path(), "cannot reset", e))?;
-        }
-        self.checkpoint_locked(&mut inner)
-    }
-
-    /// Persists the bitmaps now and empties the activity log (a clean stop point).
-    pub fn checkpoint(&self) -> Result<()> {
-        let mut inner = self.lock();
-        self.checkpoint_locked(&mut inner)
     }
 
     /// Bytes held by the copy-on-write store for the frozen epoch.
@@ -398,7 +291,9 @@ impl<D: BlockDevice> CbtTracker<D> {
     fn checkpoint_locked(&self, inner: &mut Inner) -> Result<()> {
         let Some(dir) = &self.dir else { return Ok(()) };
         let bytes = encode_checkpoint(
+            self.generation,
             inner.epoch,
+            inner.lost.as_deref(),
             &inner.current,
             inner.frozen.as_ref().map(|f| &f.bitmap),
         );
@@ -506,6 +401,173 @@ impl<D: BlockDevice> CbtTracker<D> {
     }
 }
 
+impl<D: BlockDevice> ChangeTracker for CbtTracker<D> {
+    fn kind(&self) -> &'static str {
+        "cbt"
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn disk_bytes(&self) -> u64 {
+        self.dev.size_bytes()
+    }
+
+    fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    fn epoch(&self) -> Result<u64> {
+        Ok(self.lock().epoch)
+    }
+
+    fn current(&self) -> Result<SectorBitmap> {
+        Ok(self.lock().current.clone())
+    }
+
+    fn mark_all(&self) -> Result<()> {
+        let mut inner = self.lock();
+        let sectors = inner.current.disk_sectors();
+        inner.current = SectorBitmap::full(sectors);
+        self.checkpoint_locked(&mut inner)
+    }
+
+    fn carry(&self, sectors: &SectorBitmap) -> Result<()> {
+        let mut inner = self.lock();
+        inner.current.union_with(sectors)?;
+        self.checkpoint_locked(&mut inner)
+    }
+
+    fn freeze(&self) -> Result<Frozen> {
+        let mut inner = self.lock();
+        if let Some(f) = &inner.frozen {
+            return Err(Error::InvalidInput(format!(
+                "{}: epoch {} is already frozen by a running cycle",
+                self.name, f.epoch
+            )));
+        }
+        let sectors = inner.current.disk_sectors();
+        if inner.lost.is_some() {
+            inner.current = SectorBitmap::full(sectors);
+        }
+        let bitmap = std::mem::replace(&mut inner.current, SectorBitmap::new(sectors));
+        let epoch = inner.epoch;
+        let lost = inner.lost.clone();
+        inner.epoch += 1;
+        inner.frozen = Some(FrozenEpoch {
+            epoch,
+            unread: bitmap.clone(),
+            bitmap: bitmap.clone(),
+            cow: BTreeMap::new(),
+            cow_bytes: 0,
+            exhausted: false,
+            lost: lost.is_some(),
+        });
+        if let Some(f) = inner.cow_file.as_ref() {
+            f.set_len(0)
+                .map_err(|e| Error::state_io(self.cow_path(), "cannot reset", e))?;
+        }
+        self.checkpoint_locked(&mut inner)?;
+        Ok(Frozen {
+            epoch,
+            bitmap,
+            lost,
+        })
+    }
+
+    /// Reads `buf.len()` bytes at `offset_bytes` as they were when the epoch was frozen. Every
+    /// sector of the range must be in the frozen bitmap. Those sectors need no preserving after.
+    fn read_frozen(&self, buf: &mut [u8], offset_bytes: u64) -> Result<()> {
+        let mut inner = self.lock();
+        let Inner {
+            frozen, cow_file, ..
+        } = &mut *inner;
+        let Some(frozen) = frozen.as_mut() else {
+            return Err(Error::InvalidInput(format!(
+                "{}: no epoch is frozen",
+                self.name
+            )));
+        };
+        if frozen.exhausted {
+            return Err(Error::CowExhausted {
+                limit_bytes: self.cfg.cow_bytes_max,
+            });
+        }
+        if !offset_bytes.is_multiple_of(SECTOR_SIZE)
+            || !(buf.len() as u64).is_multiple_of(SECTOR_SIZE)
+        {
+            return Err(Error::InvalidInput(format!(
+                "{}: frozen reads must be sector-aligned (offset {offset_bytes}, length {})",
+                self.name,
+                buf.len()
+            )));
+        }
+        self.dev.read_at(buf, offset_bytes)?;
+        let start = offset_bytes / SECTOR_SIZE;
+        let count = buf.len() as u64 / SECTOR_SIZE;
+        let end = start + count;
+        // Overlay preserved sectors overlapping [start, end).
+        let first_key = frozen
+            .cow
+            .range(..=start)
+            .next_back()
+            .map(|(k, _)| *k)
+            .unwrap_or(start);
+        for (&cow_start, (cow_count, loc)) in frozen.cow.range(first_key..end) {
+            let cow_end = cow_start + cow_count;
+            let lo = cow_start.max(start);
+            let hi = cow_end.min(end);
+            if lo >= hi {
+                continue;
+            }
+            let dst = &mut buf
+                [((lo - start) * SECTOR_SIZE) as usize..((hi - start) * SECTOR_SIZE) as usize];
+            let skip = (lo - cow_start) * SECTOR_SIZE;
+            match loc {
+                CowLoc::Mem(bytes) => {
+                    dst.copy_from_slice(&bytes[skip as usize..skip as usize + dst.len()])
+                }
+                CowLoc::File(at) => {
+                    let file = cow_file.as_ref().ok_or_else(|| {
+                        Error::state(self.cow_path(), "copy-on-write file missing")
+                    })?;
+                    file.read_exact_at(dst, at + skip).map_err(|e| {
+                        Error::state_io(self.cow_path(), "cannot read preserved sectors", e)
+                    })?;
+                }
+            }
+        }
+        frozen.unread.clear_sectors(start, count)?;
+        Ok(())
+    }
+
+    /// Ends the frozen epoch. `committed`: the cycle is safely in the cache (its sectors are
+    /// remembered elsewhere), so they are dropped; otherwise they go back into the current epoch.
+    fn release(&self, committed: bool) -> Result<()> {
+        let mut inner = self.lock();
+        let Some(frozen) = inner.frozen.take() else {
+            return Ok(());
+        };
+        if !committed {
+            inner.current.union_with(&frozen.bitmap)?;
+        } else if frozen.lost {
+            // The cycle that saw the loss shipped the whole disk's differences.
+            inner.lost = None;
+        }
+        if let Some(f) = inner.cow_file.as_ref() {
+            f.set_len(0)
+                .map_err(|e| Error::state_io(self.cow_path(), "cannot reset", e))?;
+        }
+        self.checkpoint_locked(&mut inner)
+    }
+
+    fn checkpoint(&self) -> Result<()> {
+        let mut inner = self.lock();
+        self.checkpoint_locked(&mut inner)
+    }
+}
+
 fn to_device_error(name: &str, op: DeviceOp, offset: u64, len: u64, e: Error) -> DeviceError {
     match e {
         Error::Device(d) => d,
@@ -580,12 +642,35 @@ fn read_activity_log(path: &Path) -> Result<Vec<u64>> {
     Ok(regions)
 }
 
-fn encode_checkpoint(epoch: u64, current: &SectorBitmap, frozen: Option<&SectorBitmap>) -> Vec<u8> {
+struct Checkpoint {
+    generation: Generation,
+    epoch: u64,
+    lost: Option<String>,
+    current: SectorBitmap,
+    frozen: Option<SectorBitmap>,
+}
+
+fn encode_checkpoint(
+    generation: Generation,
+    epoch: u64,
+    lost: Option<&str>,
+    current: &SectorBitmap,
+    frozen: Option<&SectorBitmap>,
+) -> Vec<u8> {
     let cur = current.encode();
     let fro = frozen.map(|f| f.encode());
-    let mut out = Vec::with_capacity(40 + cur.len() + fro.as_ref().map_or(0, Vec::len));
+    let mut reason = lost.unwrap_or("").as_bytes();
+    if reason.len() > LOST_REASON_BYTES_MAX {
+        reason = &reason[..LOST_REASON_BYTES_MAX];
+    }
+    let mut out =
+        Vec::with_capacity(64 + reason.len() + cur.len() + fro.as_ref().map_or(0, Vec::len));
     out.extend_from_slice(CKPT_MAGIC);
+    out.extend_from_slice(&generation.0);
     out.extend_from_slice(&epoch.to_le_bytes());
+    out.push(u8::from(lost.is_some()));
+    out.extend_from_slice(&(reason.len() as u32).to_le_bytes());
+    out.extend_from_slice(reason);
     out.extend_from_slice(&(cur.len() as u64).to_le_bytes());
     out.extend_from_slice(&cur);
     match &fro {
@@ -601,8 +686,8 @@ fn encode_checkpoint(epoch: u64, current: &SectorBitmap, frozen: Option<&SectorB
     out
 }
 
-type Checkpoint = (u64, SectorBitmap, Option<SectorBitmap>);
-
+/// Decodes a checkpoint (`RPLTRCK2`, or `RPLTRCK1` from before generations, which gets a new
+/// one). Damage is [`Error::State`]; bitmaps for another disk size are [`Error::InvalidInput`].
 fn decode_checkpoint(bytes: &[u8], path: &Path, sectors: u64) -> Result<Checkpoint> {
     let bad = |why: &str| Error::state(path, format!("damaged tracker checkpoint: {why}"));
     if bytes.len() < 8 + 8 + 8 + 1 + 4 {
@@ -613,35 +698,55 @@ fn decode_checkpoint(bytes: &[u8], path: &Path, sectors: u64) -> Result<Checkpoi
     if stored != crc32fast::hash(body) {
         return Err(bad("checksum mismatch"));
     }
-    if &body[0..8] != CKPT_MAGIC {
-        return Err(bad("bad magic"));
-    }
+    let v2 = match &body[0..8] {
+        m if m == CKPT_MAGIC => true,
+        m if m == CKPT_MAGIC_V1 => false,
+        _ => return Err(bad("bad magic")),
+    };
     let mut pos = 8;
+    let take = |pos: &mut usize, n: usize| -> Result<&[u8]> {
+        let s = body
+            .get(*pos..pos.saturating_add(n))
+            .ok_or_else(|| bad("truncated"))?;
+        *pos += n;
+        Ok(s)
+    };
     let take_u64 = |pos: &mut usize| -> Result<u64> {
-        let s = body.get(*pos..*pos + 8).ok_or_else(|| bad("truncated"))?;
-        *pos += 8;
         let mut a = [0u8; 8];
-        a.copy_from_slice(s);
+        a.copy_from_slice(take(pos, 8)?);
         Ok(u64::from_le_bytes(a))
     };
-    let epoch = take_u64(&mut pos)?;
+    let (generation, epoch, lost) = if v2 {
+        let mut g = [0u8; GENERATION_LEN];
+        g.copy_from_slice(take(&mut pos, GENERATION_LEN)?);
+        let epoch = take_u64(&mut pos)?;
+        let flag = take(&mut pos, 1)?[0];
+        let mut len = [0u8; 4];
+        len.copy_from_slice(take(&mut pos, 4)?);
+        let len = u32::from_le_bytes(len) as usize;
+        if len > LOST_REASON_BYTES_MAX {
+            return Err(bad("lost reason too long"));
+        }
+        let reason = String::from_utf8_lossy(take(&mut pos, len)?).into_owned();
+        let lost = match flag {
+            0 => None,
+            1 => Some(reason),
+            _ => return Err(bad("bad lost flag")),
+        };
+        (Generation(g), epoch, lost)
+    } else {
+        (Generation::generate()?, take_u64(&mut pos)?, None)
+    };
     let cur_len = usize::try_from(take_u64(&mut pos)?).map_err(|_| bad("length overflow"))?;
-    let cur_bytes = body
-        .get(pos..pos.saturating_add(cur_len))
-        .ok_or_else(|| bad("truncated current bitmap"))?;
-    pos += cur_len;
+    let cur_bytes = take(&mut pos, cur_len)?;
     let current =
         SectorBitmap::decode(cur_bytes).map_err(|e| bad(&format!("current bitmap: {e}")))?;
-    let has_frozen = *body.get(pos).ok_or_else(|| bad("truncated"))?;
-    pos += 1;
+    let has_frozen = take(&mut pos, 1)?[0];
     let frozen = match has_frozen {
         0 => None,
         1 => {
             let len = usize::try_from(take_u64(&mut pos)?).map_err(|_| bad("length overflow"))?;
-            let fb = body
-                .get(pos..pos.saturating_add(len))
-                .ok_or_else(|| bad("truncated frozen bitmap"))?;
-            pos += len;
+            let fb = take(&mut pos, len)?;
             Some(SectorBitmap::decode(fb).map_err(|e| bad(&format!("frozen bitmap: {e}")))?)
         }
         _ => return Err(bad("bad frozen flag")),
@@ -651,11 +756,19 @@ fn decode_checkpoint(bytes: &[u8], path: &Path, sectors: u64) -> Result<Checkpoi
     }
     for b in std::iter::once(&current).chain(frozen.iter()) {
         if b.disk_sectors() != sectors {
-            return Err(bad(&format!(
-                "it tracks a disk of {} sectors but the device has {sectors}; was the device resized or swapped?",
+            return Err(Error::InvalidInput(format!(
+                "{}: it tracks a disk of {} sectors but the device has {sectors}; was the device \
+                 resized or swapped? Use the state directory that belongs to this disk",
+                path.display(),
                 b.disk_sectors()
             )));
         }
     }
-    Ok((epoch, current, frozen))
+    Ok(Checkpoint {
+        generation,
+        epoch,
+        lost,
+        current,
+        frozen,
+    })
 }

@@ -1,0 +1,172 @@
+//! Change trackers: what tells a cycle which sectors of the source changed, and serves the cycle
+//! the frozen sectors' contents.
+//!
+//! Every tracker implements [`ChangeTracker`], and every one passes the same model-based suite
+//! (`tests/tracker_conformance.rs`). The kinds:
+//!
+//! - [`cbt::CbtTracker`]: a [`BlockDevice`](crate::device::BlockDevice) wrapper that marks each
+//!   write passing through it (VMware CBT style), with copy-on-write for point-in-time frozen
+//!   reads and an activity log for crash recovery.
+//! - `hrl`: a write log next to the disk (Hyper-V Replica style); the cycle ships the logged data.
+//! - The kernel tracker lives in the harness (only the harness knows Linux devices): it follows
+//!   the kernel's block tracepoints for writes by any process.
+//!
+//! # The contract (what the conformance suite checks)
+//! - Epochs: marks go into the *current* epoch. [`ChangeTracker::freeze`] atomically ends it and
+//!   returns its bitmap; every sector written (completed) before the freeze is in that bitmap or
+//!   in an earlier epoch's. A write that completes after the frozen cycle read its sector is in a
+//!   later epoch.
+//! - [`ChangeTracker::read_frozen`] serves any sector of the frozen bitmap, each read once per
+//!   freeze. Trackers that can (CBT, HRL) serve the disk as of the freeze; the kernel tracker
+//!   reads the live device (a later write to the sector is then in a later epoch).
+//! - [`ChangeTracker::release`]: `committed` drops the frozen marks (the cycle is safely in the
+//!   cache); otherwise they return to the current epoch. No mark is ever lost.
+//! - [`ChangeTracker::carry`] puts back the sectors of a shipped cycle the target failed.
+//! - [`ChangeTracker::acknowledged`]: the target applied the cycle of that epoch and every earlier
+//!   one; a tracker may now forget what it kept for them (the HRL log is truncated only then).
+//! - Persistence: a persistent tracker's marks survive a restart, clean or not. A tracker that
+//!   cannot vouch for its marks (events lost, the tracker was down while the device was written,
+//!   its state was damaged) says so in [`Frozen::lost`] with the whole disk marked: the cycle
+//!   then compares checksums with the target instead of trusting the bitmap.
+//! - [`ChangeTracker::generation`] names the tracker's state; it changes when the state is made
+//!   anew, so a source notices tracker state that is not the one it shipped with.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::bitmap::SectorBitmap;
+use crate::error::{Error, Result};
+
+pub mod cbt;
+
+pub use cbt::{CbtTracker, OpenReport, TrackerConfig};
+
+/// Bytes of a [`Generation`].
+pub const GENERATION_LEN: usize = 16;
+
+/// 16 random bytes naming one incarnation of a tracker's or a target's state. Shown as 32 hex
+/// characters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Generation(pub [u8; GENERATION_LEN]);
+
+impl Generation {
+    /// A new random generation.
+    pub fn generate() -> Result<Self> {
+        let mut id = [0u8; GENERATION_LEN];
+        getrandom::fill(&mut id)
+            .map_err(|e| Error::InvalidInput(format!("no randomness for a generation id: {e}")))?;
+        Ok(Self(id))
+    }
+}
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Generation({self})")
+    }
+}
+
+impl FromStr for Generation {
+    type Err = String;
+
+    /// Exactly 32 hex characters.
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        if s.len() != GENERATION_LEN * 2 || !s.is_ascii() {
+            return Err(format!(
+                "a generation is {} hex characters, got {:?}",
+                GENERATION_LEN * 2,
+                s.chars().take(80).collect::<String>()
+            ));
+        }
+        let mut out = [0u8; GENERATION_LEN];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
+                .map_err(|_| format!("{s:?} is not hex (at character {})", 2 * i + 1))?;
+        }
+        Ok(Self(out))
+    }
+}
+
+/// What [`ChangeTracker::freeze`] hands the cycle.
+#[derive(Clone, Debug)]
+pub struct Frozen {
+    /// The frozen epoch's number.
+    pub epoch: u64,
+    /// The sectors changed in that epoch (what the cycle must ship).
+    pub bitmap: SectorBitmap,
+    /// Tracking was lost before this freeze (why): the bitmap is the whole disk, and the cycle
+    /// must compare checksums with the target rather than ship it all. Cleared by the first
+    /// committed release after it was reported.
+    pub lost: Option<String>,
+}
+
+/// A change tracker of one disk. See the module documentation for the contract.
+pub trait ChangeTracker: Send + Sync + fmt::Debug {
+    /// The kind, for messages and state: `cbt`, `hrl` or `kernel`.
+    fn kind(&self) -> &'static str;
+
+    /// What it tracks, for messages (a device name or path).
+    fn name(&self) -> &str;
+
+    /// The tracked disk's size.
+    fn disk_bytes(&self) -> u64;
+
+    /// The identity of this tracker's state: kept across restarts, new when the state is made.
+    fn generation(&self) -> Generation;
+
+    /// The number of the current (unfrozen) epoch.
+    fn epoch(&self) -> Result<u64>;
+
+    /// A copy of the current epoch's marks.
+    fn current(&self) -> Result<SectorBitmap>;
+
+    /// Marks the whole disk changed (before an initial copy or a checksum resync) and persists it.
+    fn mark_all(&self) -> Result<()>;
+
+    /// Puts `sectors` back into the current epoch: a shipped cycle failed on the target.
+    fn carry(&self, sectors: &SectorBitmap) -> Result<()>;
+
+    /// Freezes the current epoch: its bitmap becomes the frozen cycle's, and later writes go to a
+    /// new epoch. Persisted before it returns. Fails if an epoch is already frozen.
+    fn freeze(&self) -> Result<Frozen>;
+
+    /// Reads `buf.len()` bytes at `offset_bytes` (sector-aligned, every sector in the frozen
+    /// bitmap) for the frozen cycle.
+    fn read_frozen(&self, buf: &mut [u8], offset_bytes: u64) -> Result<()>;
+
+    /// Ends the frozen epoch. `committed`: the cycle is in the cache, so its marks are dropped;
+    /// otherwise they go back into the current epoch. No frozen epoch: nothing to do.
+    fn release(&self, committed: bool) -> Result<()>;
+
+    /// The target applied the cycle that froze `epoch` (and every earlier one).
+    fn acknowledged(&self, epoch: u64) -> Result<()> {
+        let _ = epoch;
+        Ok(())
+    }
+
+    /// Persists the marks now (a clean stop point).
+    fn checkpoint(&self) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_text_round_trip() {
+        let g = Generation([0xAB; GENERATION_LEN]);
+        let s = g.to_string();
+        assert_eq!(s.len(), 32);
+        assert_eq!(s.parse::<Generation>().unwrap(), g);
+        assert!("ab".parse::<Generation>().is_err());
+        assert!("zz".repeat(16).parse::<Generation>().is_err());
+    }
+}
