@@ -154,6 +154,8 @@ impl Replication {
                     &NoProgress,
                 ))
                 .unwrap()
+                .into_shipped()
+                .unwrap()
         });
         phases.ship = took;
         if churn {

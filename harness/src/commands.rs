@@ -12,7 +12,7 @@ use replicator_core::device::{BlockDevice, FileDevice};
 use replicator_core::gc::{GcPolicy, plan_gc, run_gc};
 use replicator_core::keys::{DiskId, MasterKey};
 use replicator_core::schedule::{Next, SchedulePolicy, Scheduler};
-use replicator_core::source::{ShipConfig, ShipReport, Source, ship_cycle};
+use replicator_core::source::{ShipConfig, ShipOutcome, ShipReport, Source, ship_cycle};
 use replicator_core::state::{
     SOURCE_FILE, SourceState, StateDir, TARGET_FILE, TargetState, read_json_file,
 };
@@ -143,10 +143,32 @@ pub struct ShipArgs {
     /// zstd level for blobs.
     #[arg(long, default_value_t = 1)]
     zstd_level: i32,
+    /// Repair by checksums: ask the target for the digests of what it holds, then ship only the
+    /// blocks that differ (run hydrate on the target in between). Also done on its own when
+    /// tracking was lost or the target was replaced or restored.
+    #[arg(long)]
+    resync: bool,
+    /// Block size of the resync's digests, in bytes (a power of two, 4 KiB to 64 MiB).
+    #[arg(long, default_value_t = 65536)]
+    resync_block_size: u32,
+}
+
+fn print_outcome(outcome: &ShipOutcome) {
+    match outcome {
+        ShipOutcome::Shipped(r) => print_ship(r),
+        ShipOutcome::AwaitingCatalog { reason, request } => println!(
+            "no cycle shipped: a checksum resync is owed ({reason}); resync request {request} is \
+             in the cache: run hydrate on the target, then ship again"
+        ),
+    }
 }
 
 fn print_ship(r: &ShipReport) {
-    let kind = if r.initial { "initial" } else { "delta" };
+    let kind = match (&r.resync, r.initial) {
+        (Some(_), _) => "checksum resync",
+        (None, true) => "initial",
+        (None, false) => "delta",
+    };
     println!(
         "shipped cycle {} ({kind}, base {}): {} changed in {} blobs, {} stored, {} zero; took {}",
         r.cycle,
@@ -166,6 +188,22 @@ fn print_ship(r: &ShipReport) {
             r.carried_from_failed
         );
     }
+    if let Some(x) = &r.resync {
+        println!(
+            "  resync ({}): read {}, compared {} in {} blocks against the target's cycle {}; \
+             {} blocks differed ({}) and were shipped",
+            x.reason,
+            table::bytes(x.bytes_read),
+            table::bytes(x.bytes_compared),
+            table::bytes(u64::from(x.block_bytes)),
+            x.target_cycle,
+            x.blocks_differing,
+            table::bytes(x.bytes_differing),
+        );
+        if !x.superseded.is_empty() {
+            println!("  it replaces unapplied cycles {:?}", x.superseded);
+        }
+    }
 }
 
 /// `harness ship`.
@@ -181,15 +219,22 @@ pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
             report.regions_recovered
         );
     }
+    if let Some(reason) = &report.lost {
+        eprintln!("note: tracking was lost ({reason}); a checksum resync replaces the next delta");
+    }
     let cfg = ShipConfig {
         zstd_level: args.zstd_level,
+        resync_block_bytes: args.resync_block_size,
         ..ShipConfig::default()
     };
+    if args.resync {
+        source.request_resync("requested by the operator (ship --resync)")?;
+    }
     let bars = Bars::new(false);
     let clock = SystemClock;
     if !args.follow {
         let r = ship_cycle(&mut source, sink.as_ref(), &key, &clock, &cfg, &bars).await?;
-        print_ship(&r);
+        print_outcome(&r);
         println!("cache: {}", stack.report());
         return Ok(ExitCode::SUCCESS);
     }
@@ -214,8 +259,9 @@ pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
         };
         let ok = match &result {
             Ok(r) => {
-                print_ship(r);
-                true
+                print_outcome(r);
+                // Waiting for the target's catalog: try again at the retry interval.
+                r.shipped().is_some()
             }
             Err(e) if e.kind() == ErrorKind::InvalidInput => return Err(usage(e.to_string())),
             Err(e) => {

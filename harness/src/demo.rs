@@ -13,7 +13,7 @@ use replicator_core::device::{BlockDevice, FileDevice};
 use replicator_core::keys::MasterKey;
 use replicator_core::progress::Progress;
 use replicator_core::schedule::SchedulePolicy;
-use replicator_core::source::{ShipConfig, Source, ship_cycle};
+use replicator_core::source::{ShipConfig, ShipOutcome, Source, ship_cycle};
 use replicator_core::target::{HydrateConfig, Target, hydrate};
 use replicator_core::tracker::TrackerConfig;
 use replicator_core::verify::verify_devices;
@@ -175,7 +175,22 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
             bars.end();
         }
         let ship_started = clock.now();
-        let shipped = ship_cycle(&mut source, sink.as_ref(), &key, &clock, &cfg, &bars).await?;
+        let mut outcome = ship_cycle(&mut source, sink.as_ref(), &key, &clock, &cfg, &bars).await?;
+        if let ShipOutcome::AwaitingCatalog { reason, .. } = &outcome {
+            // The target answers the resync request on its next hydrate; then ship again.
+            println!("checksum resync owed ({reason}); asking the target for its digests");
+            hydrate(
+                &mut target,
+                sink.as_ref(),
+                &key,
+                &clock,
+                &HydrateConfig::default(),
+                &bars,
+            )
+            .await?;
+            outcome = ship_cycle(&mut source, sink.as_ref(), &key, &clock, &cfg, &bars).await?;
+        }
+        let shipped = outcome.into_shipped()?;
         let ship_took = clock.now().since(ship_started);
         let hydrate_started = clock.now();
         let hydrated = hydrate(

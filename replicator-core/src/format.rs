@@ -158,6 +158,20 @@ pub const ACK_FIXED_LEN: usize = 13;
 /// Longest ack message in bytes.
 pub const MAX_ACK_MESSAGE_BYTES: u32 = 4096;
 
+/// Bytes of a target generation id in acks and catalogs.
+pub const GENERATION_BYTES: usize = 16;
+/// Bytes of one block digest in a catalog (BLAKE3, truncated).
+pub const DIGEST_BYTES: usize = 16;
+/// Most blocks one catalog may carry (4 TiB at 64 KiB blocks; use larger blocks beyond).
+pub const MAX_CATALOG_BLOCKS: u64 = 1 << 26;
+/// Smallest and largest catalog block sizes.
+pub const CATALOG_BLOCK_BYTES_MIN: u32 = 4096;
+pub const CATALOG_BLOCK_BYTES_MAX: u32 = 64 << 20;
+/// Bytes of a catalog payload before the compressed digests.
+pub const CATALOG_FIXED_LEN: usize = 16 + 8 + 8 + 4 + 8 + 8 + 8 + 8;
+/// Bytes of a resync request payload before the reason.
+pub const RESYNC_REQUEST_FIXED_LEN: usize = 4 + 8 + 4;
+
 /// Decoders refuse a blob whose `data_len` is larger (bounded memory).
 pub const MAX_BLOB_DATA_BYTES: u64 = 64 << 20;
 /// Most extents one blob may carry.
@@ -179,6 +193,10 @@ pub enum ObjectKind {
     Blob = 1,
     Manifest = 2,
     Ack = 3,
+    /// The target's digest catalog (checksum resync).
+    Catalog = 4,
+    /// The source asks the target for its digest catalog.
+    ResyncRequest = 5,
 }
 
 impl ObjectKind {
@@ -193,6 +211,8 @@ impl ObjectKind {
             1 => Some(Self::Blob),
             2 => Some(Self::Manifest),
             3 => Some(Self::Ack),
+            4 => Some(Self::Catalog),
+            5 => Some(Self::ResyncRequest),
             _ => None,
         }
     }
@@ -203,6 +223,8 @@ impl ObjectKind {
             Self::Blob => "blob",
             Self::Manifest => "manifest",
             Self::Ack => "ack",
+            Self::Catalog => "catalog",
+            Self::ResyncRequest => "resync request",
         }
     }
 }
@@ -300,6 +322,39 @@ pub struct Ack {
     pub sectors_written: u64,
     /// At most [`MAX_ACK_MESSAGE_BYTES`] bytes of UTF-8.
     pub message: String,
+    /// The generation of the target state that wrote it (absent in acks written before
+    /// generations existed).
+    pub target_generation: Option<[u8; GENERATION_BYTES]>,
+}
+
+/// The target's per-block digests of its disk as of a committed cycle: what a checksum resync
+/// compares the source against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Catalog {
+    /// The generation of the target state that made it.
+    pub target_generation: [u8; GENERATION_BYTES],
+    /// The target's committed cycle: the digests are of the disk as of that cycle.
+    pub committed_cycle: u64,
+    /// The number of the resync request it answers; 0 = sent unasked, because no cycle in the
+    /// cache applies on the target's committed one.
+    pub answers_request: u64,
+    /// Bytes per digested block (a power of two, at least 4 KiB).
+    pub block_bytes: u32,
+    pub disk_bytes: u64,
+    /// One digest per block, `ceil(disk_bytes / block_bytes)` of them (the last block may be
+    /// short).
+    pub digests: Vec<[u8; DIGEST_BYTES]>,
+    pub created_unix_ms: u64,
+}
+
+/// The source asks the target for a [`Catalog`] because it must resync by checksums.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResyncRequest {
+    /// Block size the source wants the digests at.
+    pub block_bytes: u32,
+    /// Why, for the target's operator. At most [`MAX_ACK_MESSAGE_BYTES`] bytes of UTF-8.
+    pub reason: String,
+    pub created_unix_ms: u64,
 }
 
 /// A decoded, verified blob.
@@ -424,6 +479,8 @@ pub enum FormatError {
     NonceReuse { kind: ObjectKind, seq: u32 },
     #[error("could not get random bytes from the operating system: {0}")]
     Random(String),
+    #[error("invalid {what}: {detail}")]
+    Invalid { what: &'static str, detail: String },
 }
 
 impl FormatError {
@@ -856,6 +913,8 @@ pub struct Session {
     blob_key: SessionKey,
     manifest_key: SessionKey,
     ack_key: SessionKey,
+    catalog_key: SessionKey,
+    request_key: SessionKey,
     issued: Mutex<HashMap<(ObjectKind, u32), [u8; TAG_LEN]>>,
 }
 
@@ -892,6 +951,8 @@ impl Session {
             blob_key: derive(ObjectKind::Blob),
             manifest_key: derive(ObjectKind::Manifest),
             ack_key: derive(ObjectKind::Ack),
+            catalog_key: derive(ObjectKind::Catalog),
+            request_key: derive(ObjectKind::ResyncRequest),
             issued: Mutex::new(HashMap::new()),
         }
     }
@@ -1034,12 +1095,61 @@ impl Session {
             AckStatus::Applied => ACK_STATUS_APPLIED,
             AckStatus::Failed => ACK_STATUS_FAILED,
         };
-        let inner_len = ACK_FIXED_LEN.saturating_add(a.message.len());
+        let inner_len = ACK_FIXED_LEN
+            .saturating_add(a.message.len())
+            .saturating_add(GENERATION_BYTES);
         self.seal(ObjectKind::Ack, 0, inner_len, |out| {
             out.push(status);
             out.extend_from_slice(&a.sectors_written.to_le_bytes());
             out.extend_from_slice(&message_len.to_le_bytes());
             out.extend_from_slice(a.message.as_bytes());
+            if let Some(g) = &a.target_generation {
+                out.extend_from_slice(g);
+            }
+        })
+    }
+
+    /// Encodes a digest catalog (seq 0). The digests are zstd-compressed (level 1): the digests
+    /// of repeated blocks, zero blocks above all, repeat too.
+    pub fn encode_catalog(&self, c: &Catalog) -> Result<EncodedObject, FormatError> {
+        check_catalog_shape(c.block_bytes, c.disk_bytes, len64(c.digests.len()))?;
+        let mut flat = Vec::with_capacity(c.digests.len().saturating_mul(DIGEST_BYTES));
+        for d in &c.digests {
+            flat.extend_from_slice(d);
+        }
+        let packed =
+            zstd::bulk::compress(&flat, 1).map_err(|e| FormatError::Compress(e.to_string()))?;
+        let inner_len = CATALOG_FIXED_LEN.saturating_add(packed.len());
+        self.seal(ObjectKind::Catalog, 0, inner_len, |out| {
+            out.extend_from_slice(&c.target_generation);
+            out.extend_from_slice(&c.committed_cycle.to_le_bytes());
+            out.extend_from_slice(&c.answers_request.to_le_bytes());
+            out.extend_from_slice(&c.block_bytes.to_le_bytes());
+            out.extend_from_slice(&c.disk_bytes.to_le_bytes());
+            out.extend_from_slice(&c.created_unix_ms.to_le_bytes());
+            out.extend_from_slice(&len64(c.digests.len()).to_le_bytes());
+            out.extend_from_slice(&len64(packed.len()).to_le_bytes());
+            out.extend_from_slice(&packed);
+        })
+    }
+
+    /// Encodes a resync request (seq 0).
+    pub fn encode_resync_request(&self, q: &ResyncRequest) -> Result<EncodedObject, FormatError> {
+        check_block_bytes(q.block_bytes)?;
+        let reason_len = u32::try_from(q.reason.len())
+            .ok()
+            .filter(|&n| n <= MAX_ACK_MESSAGE_BYTES)
+            .ok_or(FormatError::LimitExceeded {
+                what: "resync reason bytes",
+                value: len64(q.reason.len()),
+                limit: u64::from(MAX_ACK_MESSAGE_BYTES),
+            })?;
+        let inner_len = RESYNC_REQUEST_FIXED_LEN.saturating_add(q.reason.len());
+        self.seal(ObjectKind::ResyncRequest, 0, inner_len, |out| {
+            out.extend_from_slice(&q.block_bytes.to_le_bytes());
+            out.extend_from_slice(&q.created_unix_ms.to_le_bytes());
+            out.extend_from_slice(&reason_len.to_le_bytes());
+            out.extend_from_slice(q.reason.as_bytes());
         })
     }
 
@@ -1048,6 +1158,8 @@ impl Session {
             ObjectKind::Blob => &self.blob_key,
             ObjectKind::Manifest => &self.manifest_key,
             ObjectKind::Ack => &self.ack_key,
+            ObjectKind::Catalog => &self.catalog_key,
+            ObjectKind::ResyncRequest => &self.request_key,
         }
     }
 
@@ -1352,18 +1464,160 @@ pub fn decode_ack(
             valid_up_to: e.valid_up_to(),
         })?
         .to_owned();
-    if r.remaining() != 0 {
-        return Err(FormatError::TrailingBytes {
-            kind: ObjectKind::Ack,
-            count: len64(r.remaining()),
-        });
-    }
+    // Acks written before generations end here; newer ones carry the target's generation.
+    let target_generation = match r.remaining() {
+        0 => None,
+        GENERATION_BYTES => Some(r.array("target generation")?),
+        count => {
+            return Err(FormatError::TrailingBytes {
+                kind: ObjectKind::Ack,
+                count: len64(count),
+            });
+        }
+    };
     Ok((
         header,
         Ack {
             status,
             sectors_written,
             message,
+            target_generation,
+        },
+    ))
+}
+
+fn check_block_bytes(block_bytes: u32) -> Result<(), FormatError> {
+    if !block_bytes.is_power_of_two()
+        || !(CATALOG_BLOCK_BYTES_MIN..=CATALOG_BLOCK_BYTES_MAX).contains(&block_bytes)
+    {
+        return Err(FormatError::Invalid {
+            what: "catalog block size",
+            detail: format!(
+                "{block_bytes} bytes; it must be a power of two from {CATALOG_BLOCK_BYTES_MIN} \
+                 to {CATALOG_BLOCK_BYTES_MAX}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn check_catalog_shape(block_bytes: u32, disk_bytes: u64, count: u64) -> Result<(), FormatError> {
+    check_block_bytes(block_bytes)?;
+    let want = disk_bytes.div_ceil(u64::from(block_bytes));
+    if want > MAX_CATALOG_BLOCKS {
+        return Err(FormatError::LimitExceeded {
+            what: "catalog blocks",
+            value: want,
+            limit: MAX_CATALOG_BLOCKS,
+        });
+    }
+    if count != want {
+        return Err(FormatError::Invalid {
+            what: "catalog digest count",
+            detail: format!(
+                "{count} digests for a {disk_bytes}-byte disk in {block_bytes}-byte blocks \
+                 (expected {want})"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Decodes and verifies a digest catalog (header, key id, `expect`, nonce, tag, then block size,
+/// digest count against the disk size, bounded decompression and trailing bytes).
+pub fn decode_catalog(
+    key: &DiskKey,
+    bytes: &[u8],
+    expect: &Expect,
+) -> Result<(ObjectHeader, Catalog), FormatError> {
+    let (header, plaintext) = open(key, bytes, expect, ObjectKind::Catalog)?;
+    let mut r = Reader::new(&plaintext);
+    let target_generation = r.array("target generation")?;
+    let committed_cycle = r.u64("committed cycle")?;
+    let answers_request = r.u64("request answered")?;
+    let block_bytes = r.u32("block size")?;
+    let disk_bytes = r.u64("disk bytes")?;
+    let created_unix_ms = r.u64("created time")?;
+    let count = r.u64("digest count")?;
+    check_catalog_shape(block_bytes, disk_bytes, count)?;
+    let packed_len = r.u64("compressed digests length")?;
+    let packed = r.take(
+        to_usize(packed_len, "compressed digests")?,
+        "compressed digests",
+    )?;
+    if r.remaining() != 0 {
+        return Err(FormatError::TrailingBytes {
+            kind: ObjectKind::Catalog,
+            count: len64(r.remaining()),
+        });
+    }
+    let flat_len = to_usize(count.saturating_mul(len64(DIGEST_BYTES)), "digests")?;
+    let flat = zstd::bulk::decompress(packed, flat_len)
+        .map_err(|e| FormatError::Decompress(e.to_string()))?;
+    if flat.len() != flat_len {
+        return Err(FormatError::Invalid {
+            what: "catalog digests",
+            detail: format!(
+                "{} bytes after decompression, expected {flat_len}",
+                flat.len()
+            ),
+        });
+    }
+    let digests = flat
+        .chunks_exact(DIGEST_BYTES)
+        .map(|c| {
+            let mut d = [0u8; DIGEST_BYTES];
+            d.copy_from_slice(c);
+            d
+        })
+        .collect();
+    Ok((
+        header,
+        Catalog {
+            target_generation,
+            committed_cycle,
+            answers_request,
+            block_bytes,
+            disk_bytes,
+            digests,
+            created_unix_ms,
+        },
+    ))
+}
+
+/// Decodes and verifies a resync request.
+pub fn decode_resync_request(
+    key: &DiskKey,
+    bytes: &[u8],
+    expect: &Expect,
+) -> Result<(ObjectHeader, ResyncRequest), FormatError> {
+    let (header, plaintext) = open(key, bytes, expect, ObjectKind::ResyncRequest)?;
+    let mut r = Reader::new(&plaintext);
+    let block_bytes = r.u32("block size")?;
+    check_block_bytes(block_bytes)?;
+    let created_unix_ms = r.u64("created time")?;
+    let reason_len = r.u32("reason length")?;
+    if reason_len > MAX_ACK_MESSAGE_BYTES {
+        return Err(FormatError::LimitExceeded {
+            what: "resync reason bytes",
+            value: u64::from(reason_len),
+            limit: u64::from(MAX_ACK_MESSAGE_BYTES),
+        });
+    }
+    let raw = r.take(to_usize(u64::from(reason_len), "reason")?, "reason")?;
+    let reason = String::from_utf8_lossy(raw).into_owned();
+    if r.remaining() != 0 {
+        return Err(FormatError::TrailingBytes {
+            kind: ObjectKind::ResyncRequest,
+            count: len64(r.remaining()),
+        });
+    }
+    Ok((
+        header,
+        ResyncRequest {
+            block_bytes,
+            reason,
+            created_unix_ms,
         },
     ))
 }
@@ -1664,6 +1918,66 @@ mod tests {
     }
 
     #[test]
+    fn catalog_and_resync_request_round_trip_and_checks() {
+        let s = session();
+        let digests: Vec<[u8; DIGEST_BYTES]> = (0..9u8).map(|i| [i % 3; DIGEST_BYTES]).collect();
+        let c = Catalog {
+            target_generation: [7; GENERATION_BYTES],
+            committed_cycle: 4,
+            answers_request: 2,
+            block_bytes: 4096,
+            disk_bytes: 8 * 4096 + 512,
+            digests,
+            created_unix_ms: 99,
+        };
+        let enc = s.encode_catalog(&c).unwrap();
+        let (h, back) = decode_catalog(&disk_key(), &enc.bytes, &expect()).unwrap();
+        assert_eq!((h.kind, back), (ObjectKind::Catalog, c.clone()));
+        // A count that does not fit the disk is refused on both sides.
+        let short = Catalog {
+            digests: c.digests[..8].to_vec(),
+            ..c.clone()
+        };
+        assert!(matches!(
+            s.encode_catalog(&short),
+            Err(FormatError::Invalid { .. })
+        ));
+        let odd = Catalog {
+            block_bytes: 5000,
+            ..c
+        };
+        assert!(s.encode_catalog(&odd).is_err());
+        let q = ResyncRequest {
+            block_bytes: 65536,
+            reason: "tracking was lost".into(),
+            created_unix_ms: 5,
+        };
+        let enc = s.encode_resync_request(&q).unwrap();
+        let (h, back) = decode_resync_request(&disk_key(), &enc.bytes, &expect()).unwrap();
+        assert_eq!((h.kind, back), (ObjectKind::ResyncRequest, q));
+        // Kinds are not interchangeable.
+        assert!(matches!(
+            decode_catalog(&disk_key(), &enc.bytes, &expect()),
+            Err(FormatError::WrongKind { .. })
+        ));
+    }
+
+    #[test]
+    fn acks_with_and_without_a_generation_decode() {
+        for g in [None, Some([3u8; GENERATION_BYTES])] {
+            let s = session();
+            let a = Ack {
+                status: AckStatus::Applied,
+                sectors_written: 8,
+                message: "applied".into(),
+                target_generation: g,
+            };
+            let enc = s.encode_ack(&a).unwrap();
+            assert_eq!(decode_ack(&disk_key(), &enc.bytes, &expect()).unwrap().1, a);
+        }
+    }
+
+    #[test]
     fn ack_round_trip_and_limits() {
         let s = session();
         for a in [
@@ -1671,11 +1985,13 @@ mod tests {
                 status: AckStatus::Applied,
                 sectors_written: 1234,
                 message: "ok".into(),
+                target_generation: None,
             },
             Ack {
                 status: AckStatus::Failed,
                 sectors_written: 0,
                 message: "écriture échouée: disque plein".into(),
+                target_generation: None,
             },
         ] {
             let s = Session::new(&disk_key(), disk(), 7, 3, Session::generate_salt().unwrap());
@@ -1688,6 +2004,7 @@ mod tests {
             status: AckStatus::Failed,
             sectors_written: 0,
             message: "x".repeat(4097),
+            target_generation: None,
         };
         assert!(matches!(
             s.encode_ack(&long),
@@ -2270,6 +2587,7 @@ mod tests {
                 status: AckStatus::Applied,
                 sectors_written: 1,
                 message: String::new(),
+                target_generation: None,
             })
             .unwrap();
         let b = enc.bytes.to_vec();
@@ -2389,6 +2707,7 @@ mod tests {
             status: AckStatus::Applied,
             sectors_written: 1,
             message: "a".into(),
+            target_generation: None,
         };
         let a2 = Ack {
             message: "b".into(),
@@ -2475,7 +2794,7 @@ mod tests {
         }
 
         #[test]
-        fn prop_random_payload_with_valid_header_never_panics(tail in proptest::collection::vec(any::<u8>(), 0..300), kind in 1u8..4) {
+        fn prop_random_payload_with_valid_header_never_panics(tail in proptest::collection::vec(any::<u8>(), 0..300), kind in 1u8..6) {
             // a correct header in front of random bytes: reaches the key, expect and tag checks
             let key = disk_key();
             let kind = ObjectKind::from_u8(kind).unwrap();
@@ -2486,12 +2805,14 @@ mod tests {
                 ObjectKind::Blob => decode_blob(&key, &b, &expect()).map(|_| ()),
                 ObjectKind::Manifest => decode_manifest(&key, &b, &expect()).map(|_| ()),
                 ObjectKind::Ack => decode_ack(&key, &b, &expect()).map(|_| ()),
+                ObjectKind::Catalog => decode_catalog(&key, &b, &expect()).map(|_| ()),
+                ObjectKind::ResyncRequest => decode_resync_request(&key, &b, &expect()).map(|_| ()),
             };
             prop_assert!(r.is_err());
         }
 
         #[test]
-        fn prop_authentic_random_payloads_never_panic(inner in proptest::collection::vec(any::<u8>(), 0..300), kind in 1u8..4, prefix in any::<u32>()) {
+        fn prop_authentic_random_payloads_never_panic(inner in proptest::collection::vec(any::<u8>(), 0..300), kind in 1u8..6, prefix in any::<u32>()) {
             // authentic (correctly encrypted) but arbitrary plaintexts exercise the inner parsers;
             // the prefix makes small counts/lengths likely.
             let s = session();
@@ -2502,6 +2823,8 @@ mod tests {
                 ObjectKind::Blob => { p.push((prefix & 1) as u8); p.extend_from_slice(&(prefix % 5).to_le_bytes()); }
                 ObjectKind::Manifest => { p.extend_from_slice(&[0; 16]); p.extend_from_slice(&(prefix % 5).to_le_bytes()); }
                 ObjectKind::Ack => { p.push((prefix % 3) as u8); p.extend_from_slice(&[0; 8]); p.extend_from_slice(&(prefix % 40).to_le_bytes()); }
+                ObjectKind::Catalog => { p.extend_from_slice(&[0; 32]); p.extend_from_slice(&4096u32.to_le_bytes()); p.extend_from_slice(&u64::from(prefix % 9 * 4096).to_le_bytes()); p.extend_from_slice(&[0; 8]); p.extend_from_slice(&u64::from(prefix % 9).to_le_bytes()); }
+                ObjectKind::ResyncRequest => { p.extend_from_slice(&4096u32.to_le_bytes()); p.extend_from_slice(&[0; 8]); p.extend_from_slice(&(prefix % 40).to_le_bytes()); }
             }
             for candidate in [inner.clone(), [p, inner].concat()] {
                 let enc = seal_raw(&s, kind, 0, &candidate);
@@ -2509,6 +2832,8 @@ mod tests {
                     ObjectKind::Blob => decode_blob(&key, &enc.bytes, &expect()).map(|_| ()),
                     ObjectKind::Manifest => decode_manifest(&key, &enc.bytes, &expect()).map(|_| ()),
                     ObjectKind::Ack => decode_ack(&key, &enc.bytes, &expect()).map(|_| ()),
+                    ObjectKind::Catalog => decode_catalog(&key, &enc.bytes, &expect()).map(|_| ()),
+                    ObjectKind::ResyncRequest => decode_resync_request(&key, &enc.bytes, &expect()).map(|_| ()),
                 };
             }
         }

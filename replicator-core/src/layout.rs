@@ -4,6 +4,8 @@
 //! disks/<disk id>/manifests/<cycle:020>                              cycle manifest (written last)
 //! disks/<disk id>/blobs/<cycle:020>/<attempt:020>/<seq:010>           blob
 //! disks/<disk id>/acks/<cycle:020>                                   target's acknowledgement
+//! disks/<disk id>/requests/<number:020>                              source asks for a catalog
+//! disks/<disk id>/catalogs/<number:020>                              target's digest catalog
 //! ```
 //! Numbers are zero-padded decimals so that listing order is numeric order.
 
@@ -44,7 +46,27 @@ pub fn ack_key(disk: &DiskId, cycle: u64) -> String {
     format!("disks/{disk}/acks/{cycle:020}")
 }
 
-/// The cycle number at the end of a manifest or ack key, if it parses.
+/// The prefix under which the source's resync requests are listed.
+pub fn requests_prefix(disk: &DiskId) -> String {
+    format!("disks/{disk}/requests/")
+}
+
+/// Resync request `number`.
+pub fn request_key(disk: &DiskId, number: u64) -> String {
+    format!("disks/{disk}/requests/{number:020}")
+}
+
+/// The prefix under which the target's digest catalogs are listed.
+pub fn catalogs_prefix(disk: &DiskId) -> String {
+    format!("disks/{disk}/catalogs/")
+}
+
+/// Digest catalog `number`.
+pub fn catalog_key(disk: &DiskId, number: u64) -> String {
+    format!("disks/{disk}/catalogs/{number:020}")
+}
+
+/// The number at the end of a manifest, ack, request or catalog key, if it parses.
 pub fn cycle_of_key(key: &str) -> Option<u64> {
     key.rsplit('/').next()?.parse().ok()
 }

@@ -7,6 +7,7 @@
 //! plain functions over them: [`source::ship_cycle`] and [`target::hydrate`].
 
 pub mod bitmap;
+pub mod catalog;
 /// Time, injected: re-exported from `replicator_sink::clock`, where the sink wrappers need it too.
 pub use replicator_sink::clock;
 pub mod device;

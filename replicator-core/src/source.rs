@@ -16,11 +16,13 @@ use bytes::Bytes;
 use replicator_sink::{PutMode, Sink};
 
 use crate::bitmap::{Extent, SECTOR_SIZE, SectorBitmap};
+use crate::catalog;
 use crate::clock::{Clock, Timestamp};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::{
-    self, AckStatus, BlobExtent, Expect, ExtentKind, Manifest, ManifestBlob, Session,
+    self, AckStatus, BlobExtent, Catalog, Expect, ExtentKind, Manifest, ManifestBlob,
+    ResyncRequest, Session,
 };
 use crate::gc::{GcPolicy, plan_gc, run_gc};
 use crate::keys::{DiskId, DiskKey, MasterKey};
@@ -51,6 +53,8 @@ pub struct ShipConfig {
     pub unacked_cycles_max: usize,
     /// What each ship's garbage collection keeps.
     pub gc: GcPolicy,
+    /// Block size of a checksum resync's digests: 64 KiB.
+    pub resync_block_bytes: u32,
 }
 
 impl Default for ShipConfig {
@@ -63,6 +67,7 @@ impl Default for ShipConfig {
             puts_in_flight_max: 4,
             unacked_cycles_max: 64,
             gc: GcPolicy::default(),
+            resync_block_bytes: catalog::DEFAULT_BLOCK_BYTES,
         }
     }
 }
@@ -90,10 +95,65 @@ pub struct ShipReport {
     pub acked: Vec<u64>,
     /// Cycles the target reported failed; their sectors went into this cycle.
     pub carried_from_failed: Vec<u64>,
+    /// Set when the cycle was a checksum resync: what it compared.
+    pub resync: Option<ResyncReport>,
     /// When the cycle started and finished.
     pub started: Timestamp,
     /// See `started`.
     pub finished: Timestamp,
+}
+
+/// What a checksum resync cycle compared and shipped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResyncReport {
+    /// Why it was needed.
+    pub reason: String,
+    /// The target's committed cycle the catalog described (the resync cycle's base).
+    pub target_cycle: u64,
+    pub block_bytes: u32,
+    /// Bytes of the source disk read (once).
+    pub bytes_read: u64,
+    /// Bytes whose digests were compared with the target's.
+    pub bytes_compared: u64,
+    /// Blocks whose digests differed, and were shipped.
+    pub blocks_differing: u64,
+    /// Bytes of those blocks.
+    pub bytes_differing: u64,
+    /// Pending cycles the resync replaced (their manifests were removed from the cache).
+    pub superseded: Vec<u64>,
+}
+
+/// What [`ship_cycle`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)]
+pub enum ShipOutcome {
+    /// A cycle was shipped.
+    Shipped(ShipReport),
+    /// A checksum resync is owed and the target's digest catalog is not in the cache yet: the
+    /// source asked for it (resync request `request`) and ships nothing until it arrives. Run
+    /// hydrate on the target, then ship again.
+    AwaitingCatalog { reason: String, request: u64 },
+}
+
+impl ShipOutcome {
+    /// The shipped cycle's report, if one was shipped.
+    pub fn shipped(&self) -> Option<&ShipReport> {
+        match self {
+            ShipOutcome::Shipped(r) => Some(r),
+            ShipOutcome::AwaitingCatalog { .. } => None,
+        }
+    }
+
+    /// The shipped cycle's report, or an error saying what is awaited.
+    pub fn into_shipped(self) -> Result<ShipReport> {
+        match self {
+            ShipOutcome::Shipped(r) => Ok(r),
+            ShipOutcome::AwaitingCatalog { reason, request } => Err(Error::InvalidInput(format!(
+                "no cycle shipped: a checksum resync is owed ({reason}); resync request {request} \
+                 waits for the target's digest catalog: run hydrate on the target, then ship again"
+            ))),
+        }
+    }
 }
 
 impl ShipReport {
@@ -179,10 +239,14 @@ impl<T: ChangeTracker + ?Sized + 'static> Source<T> {
                 tracker_generation: None,
                 target_generation: None,
                 resync: None,
+                requests_put: 0,
+                catalog_seen: 0,
             },
         };
         let generation = tracker.generation().to_string();
         match state.tracker_generation.as_deref() {
+            // The tracker knows why its state is new (it lost it): its freeze says so.
+            _ if report.lost.is_some() => {}
             Some(known) if known != generation && state.next_cycle > 1 => {
                 let reason = format!(
                     "the {} tracker's state (generation {generation}) is not the one this disk was \
@@ -284,6 +348,24 @@ pub async fn sync_acks<T: ChangeTracker + ?Sized + 'static>(
                 continue;
             }
         };
+        // The generation of the target that applied (or failed) one of our pending cycles: another
+        // one than before means the target state was replaced, and its content is unknown.
+        if let Some(g) = ack.target_generation
+            && src.state.pending.iter().any(|p| p.cycle == cycle)
+        {
+            let g = to_hex(&g);
+            if let Some(known) = src.state.target_generation.as_deref()
+                && known != g
+            {
+                let reason = format!(
+                    "the target's state generation changed from {known} to {g} (acknowledgement \
+                     of cycle {cycle}): it was replaced or restored, so its content is unknown"
+                );
+                tracing::warn!(%reason, "a checksum resync is owed");
+                src.request_resync(&reason)?;
+            }
+            src.state.target_generation = Some(g);
+        }
         match ack.status {
             AckStatus::Applied => {
                 if cycle > src.state.acked_cycle {
@@ -491,7 +573,26 @@ struct EncodedBlob {
     zero_bytes: u64,
 }
 
-/// Ships one cycle: the initial full copy if none was shipped yet, else a delta.
+impl<T: ChangeTracker + ?Sized + 'static> Source<T> {
+    /// Asks for a checksum resync before the next delta (the operator's repair, or tracking
+    /// known lost): the next [`ship_cycle`] asks the target for its digest catalog, and the one
+    /// after the catalog arrived ships the blocks that differ. Persisted.
+    pub fn request_resync(&mut self, reason: &str) -> Result<()> {
+        if self.state.resync.is_none() {
+            self.state.resync = Some(ResyncState {
+                reason: reason.to_owned(),
+                requested: None,
+            });
+            self.save()?;
+        }
+        Ok(())
+    }
+}
+
+/// Ships one cycle: the initial full copy if none was shipped yet, else a delta; or, when a
+/// checksum resync is owed (tracking lost, a generation mismatch, the operator asked, the target
+/// was replaced or restored), a resync cycle of the blocks that differ from the target's digest
+/// catalog, once the target has put that catalog in the cache.
 pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
     src: &mut Source<T>,
     sink: &dyn Sink,
@@ -499,7 +600,7 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
     clock: &dyn Clock,
     cfg: &ShipConfig,
     progress: &dyn Progress,
-) -> Result<ShipReport> {
+) -> Result<ShipOutcome> {
     let started = clock.now();
     let disk = src.disk_id;
     let disk_key = key.disk_key(&disk);
@@ -515,6 +616,26 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
         }
         Err(e) => tracing::warn!(error = %e, "garbage collection skipped: cannot list the cache"),
     }
+    let found = find_catalog(src, sink, &disk_key).await?;
+    if let Some(resync) = src.state.resync.clone() {
+        return match found {
+            Some(found) => resync_cycle(
+                src,
+                sink,
+                &disk_key,
+                found,
+                resync.reason,
+                (acked, carried),
+                started,
+                clock,
+                cfg,
+                progress,
+            )
+            .await
+            .map(ShipOutcome::Shipped),
+            None => request_catalog(src, sink, &disk_key, clock, cfg).await,
+        };
+    }
     if src.state.pending.len() >= cfg.unacked_cycles_max {
         return Err(Error::InvalidInput(format!(
             "the target has not acknowledged the last {} cycles of disk {disk}; run hydrate on the \
@@ -529,6 +650,15 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
     }
     let base_cycle = src.chain_tip();
     let frozen = src.tracker.freeze()?;
+    if let Some(reason) = frozen.lost.clone()
+        && !initial
+    {
+        // The marks cannot be trusted: compare checksums instead of shipping the whole disk.
+        src.tracker.release(false)?;
+        tracing::warn!(%reason, "tracking lost: a checksum resync replaces the next delta");
+        src.request_resync(&format!("tracking was lost: {reason}"))?;
+        return request_catalog(src, sink, &disk_key, clock, cfg).await;
+    }
     src.state.attempts += 1;
     let attempt = src.state.attempts;
     src.state.in_flight = Some(InFlightCycle {
@@ -549,14 +679,14 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
         cycle,
         attempt,
         base_cycle,
-        &frozen.bitmap,
+        CyclePlan::Changed(frozen.bitmap.clone()),
         clock,
         cfg,
         progress,
     )
     .await;
     match result {
-        Ok((blob_count, stored_bytes, zero_bytes)) => {
+        Ok((blob_count, stored_bytes, zero_bytes, _)) => {
             src.dir.write_bitmap(&pending_file(cycle), &frozen.bitmap)?;
             src.state.pending.push(PendingCycle {
                 cycle,
@@ -567,7 +697,7 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
             src.state.in_flight = None;
             src.save()?;
             src.tracker.release(true)?;
-            Ok(ShipReport {
+            Ok(ShipOutcome::Shipped(ShipReport {
                 cycle,
                 base_cycle,
                 initial,
@@ -578,9 +708,10 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
                 stored_bytes,
                 acked,
                 carried_from_failed: carried,
+                resync: None,
                 started,
                 finished: clock.now(),
-            })
+            }))
         }
         Err(e) => {
             // Nothing of this attempt is visible without its manifest; its sectors go back, and
@@ -593,6 +724,418 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
     }
 }
 
+/// A target catalog the source can resync against.
+struct FoundCatalog {
+    number: u64,
+    catalog: Catalog,
+}
+
+/// Reads the target's catalogs newer than the last one dealt with. The newest that answers the
+/// source's pending resync request, or that the target sent unasked (it could apply nothing: it
+/// was replaced, restored, or lost its chain; a resync is then owed), is returned; others are
+/// dealt with and removed.
+async fn find_catalog<T: ChangeTracker + ?Sized + 'static>(
+    src: &mut Source<T>,
+    sink: &dyn Sink,
+    disk_key: &DiskKey,
+) -> Result<Option<FoundCatalog>> {
+    let disk = src.disk_id;
+    let mut newest: Option<FoundCatalog> = None;
+    let mut stale: Vec<(u64, String)> = Vec::new();
+    for meta in sink.list(&layout::catalogs_prefix(&disk)).await? {
+        let Some(number) = layout::cycle_of_key(&meta.key) else {
+            continue;
+        };
+        if number <= src.state.catalog_seen {
+            continue;
+        }
+        let bytes = match sink.get(&meta.key).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let expect = Expect {
+            disk_id: disk,
+            cycle: number,
+            attempt: None,
+            seq: None,
+            tag: None,
+        };
+        match format::decode_catalog(disk_key, &bytes, &expect) {
+            Ok((_, catalog)) => {
+                if catalog.disk_bytes != src.state.disk_bytes {
+                    return Err(Error::InvalidInput(format!(
+                        "the target's catalog {} describes a {}-byte disk but the source disk is \
+                         {} bytes; give the target a disk of the source's size",
+                        meta.key, catalog.disk_bytes, src.state.disk_bytes
+                    )));
+                }
+                if let Some(old) = newest.replace(FoundCatalog { number, catalog }) {
+                    stale.push((old.number, layout::catalog_key(&disk, old.number)));
+                }
+            }
+            Err(e) if e.is_wrong_key() => {
+                return Err(Error::Object {
+                    key: meta.key,
+                    source: e,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(key = %meta.key, error = %e, "ignoring a digest catalog that failed verification");
+                stale.push((number, meta.key));
+            }
+        }
+    }
+    let usable = match newest {
+        Some(found) if found.catalog.answers_request == 0 => {
+            // Sent unasked: the target can apply nothing in the cache. Say why as best we can.
+            let generation = to_hex(&found.catalog.target_generation);
+            let at = found.catalog.committed_cycle;
+            let reason = match src.state.target_generation.as_deref() {
+                Some(known) if known != generation => format!(
+                    "the target was replaced: its state generation is {generation}, not \
+                     {known}; it holds cycle {at}"
+                ),
+                _ if at < src.state.acked_cycle => format!(
+                    "the target went back from cycle {} to cycle {at}: it was restored from \
+                     an earlier state",
+                    src.state.acked_cycle
+                ),
+                _ => format!("the target at cycle {at} cannot apply any cycle in the cache"),
+            };
+            tracing::warn!(%reason, "a checksum resync is owed");
+            src.request_resync(&reason)?;
+            Some(found)
+        }
+        Some(found)
+            if src
+                .state
+                .resync
+                .as_ref()
+                .and_then(|r| r.requested)
+                .is_some_and(|n| n <= found.catalog.answers_request) =>
+        {
+            Some(found)
+        }
+        Some(found) => {
+            stale.push((found.number, layout::catalog_key(&disk, found.number)));
+            None
+        }
+        None => None,
+    };
+    if let Some(last) = stale.iter().map(|(n, _)| *n).max()
+        && usable.as_ref().is_none_or(|u| u.number > last)
+    {
+        src.state.catalog_seen = src.state.catalog_seen.max(last);
+        src.save()?;
+    }
+    for (_, key) in stale {
+        if let Err(e) = sink.delete(&key).await {
+            tracing::warn!(key = %key, error = %e, "could not remove a catalog no longer needed");
+        }
+    }
+    Ok(usable)
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Puts a resync request in the cache (once per owed resync) and reports that the source waits.
+async fn request_catalog<T: ChangeTracker + ?Sized + 'static>(
+    src: &mut Source<T>,
+    sink: &dyn Sink,
+    disk_key: &DiskKey,
+    clock: &dyn Clock,
+    cfg: &ShipConfig,
+) -> Result<ShipOutcome> {
+    catalog::check_block_bytes(cfg.resync_block_bytes)?;
+    let Some(resync) = src.state.resync.clone() else {
+        return Err(Error::InvalidInput("no resync is owed".into()));
+    };
+    if let Some(request) = resync.requested {
+        return Ok(ShipOutcome::AwaitingCatalog {
+            reason: resync.reason,
+            request,
+        });
+    }
+    let disk = src.disk_id;
+    let number = src.state.requests_put + 1;
+    src.state.requests_put = number;
+    src.state.attempts += 1;
+    let attempt = src.state.attempts;
+    // Persist the attempt before anything is encrypted under it.
+    src.save()?;
+    let salt = crate::error::fresh_salt()?;
+    let session = Session::new(disk_key, disk, number, attempt, salt);
+    let key = layout::request_key(&disk, number);
+    let obj = session
+        .encode_resync_request(&ResyncRequest {
+            block_bytes: cfg.resync_block_bytes,
+            reason: truncate_utf8(&resync.reason, format::MAX_ACK_MESSAGE_BYTES as usize),
+            created_unix_ms: clock.now().unix_ms(),
+        })
+        .map_err(|e| Error::Object {
+            key: key.clone(),
+            source: e,
+        })?;
+    sink.put(&key, obj.bytes, PutMode::Overwrite).await?;
+    if let Some(r) = src.state.resync.as_mut() {
+        r.requested = Some(number);
+    }
+    src.save()?;
+    Ok(ShipOutcome::AwaitingCatalog {
+        reason: resync.reason,
+        request: number,
+    })
+}
+
+fn truncate_utf8(s: &str, max: usize) -> String {
+    let mut cut = s.len().min(max);
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    s[..cut].to_owned()
+}
+
+/// Ships a checksum resync cycle against `found`: pending cycles the target has not applied are
+/// superseded (their manifests removed first, so the target cannot apply one of them instead),
+/// the whole disk is frozen and read once, and only the blocks whose digests differ are shipped,
+/// on the catalog's cycle as base.
+#[allow(clippy::too_many_arguments)]
+async fn resync_cycle<T: ChangeTracker + ?Sized + 'static>(
+    src: &mut Source<T>,
+    sink: &dyn Sink,
+    disk_key: &DiskKey,
+    found: FoundCatalog,
+    reason: String,
+    (acked, carried): (Vec<u64>, Vec<u64>),
+    started: Timestamp,
+    clock: &dyn Clock,
+    cfg: &ShipConfig,
+    progress: &dyn Progress,
+) -> Result<ShipReport> {
+    let disk = src.disk_id;
+    let base_cycle = found.catalog.committed_cycle;
+    let mut superseded = Vec::new();
+    for p in src.state.pending.clone() {
+        if p.cycle > base_cycle {
+            match sink.delete(&layout::manifest_key(&disk, p.cycle)).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+            superseded.push(p.cycle);
+        }
+    }
+    let dropped: Vec<u64> = src.state.pending.iter().map(|p| p.cycle).collect();
+    src.state.pending.clear();
+    src.state.acked_cycle = base_cycle;
+    src.save()?;
+    for c in dropped {
+        src.dir.remove(&pending_file(c))?;
+    }
+
+    let cycle = src.state.next_cycle;
+    src.tracker.mark_all()?;
+    let frozen = src.tracker.freeze()?;
+    src.state.attempts += 1;
+    let attempt = src.state.attempts;
+    src.state.in_flight = Some(InFlightCycle {
+        cycle,
+        attempt,
+        base_cycle,
+        epoch: frozen.epoch,
+    });
+    if let Err(e) = src.save() {
+        src.tracker.release(false)?;
+        return Err(e);
+    }
+    let block_bytes = found.catalog.block_bytes;
+    let result = write_cycle(
+        src,
+        sink,
+        disk_key,
+        cycle,
+        attempt,
+        base_cycle,
+        CyclePlan::Resync {
+            block_bytes,
+            digests: found.catalog.digests,
+        },
+        clock,
+        cfg,
+        progress,
+    )
+    .await;
+    let (blob_count, stored_bytes, zero_bytes, scan) = match result {
+        Ok((n, stored, zero, Some(scan))) => (n, stored, zero, scan),
+        Ok(_) => {
+            src.tracker.release(false)?;
+            src.state.in_flight = None;
+            src.save()?;
+            return Err(Error::InvalidInput(
+                "the resync's reader stopped before the end of the disk".into(),
+            ));
+        }
+        Err(e) => {
+            src.tracker.release(false)?;
+            src.state.in_flight = None;
+            src.save()?;
+            return Err(e);
+        }
+    };
+    src.dir
+        .write_bitmap(&pending_file(cycle), &scan.differing)?;
+    src.state.pending.push(PendingCycle {
+        cycle,
+        base_cycle,
+        epoch: frozen.epoch,
+    });
+    src.state.next_cycle = cycle + 1;
+    src.state.in_flight = None;
+    src.state.resync = None;
+    src.state.catalog_seen = src.state.catalog_seen.max(found.number);
+    src.state.target_generation = Some(to_hex(&found.catalog.target_generation));
+    src.save()?;
+    // The whole disk as of the freeze was compared: every earlier mark is accounted for.
+    src.tracker.release(true)?;
+    // The request and the catalog are done with.
+    let mut done = vec![layout::catalog_key(&disk, found.number)];
+    match sink.list(&layout::requests_prefix(&disk)).await {
+        Ok(listed) => done.extend(listed.into_iter().map(|m| m.key)),
+        Err(e) => tracing::warn!(error = %e, "cannot list resync requests to remove them"),
+    }
+    for key in done {
+        match sink.delete(&key).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "could not remove a resync object no longer needed");
+            }
+        }
+    }
+    let bytes_differing = scan.differing.count() * SECTOR_SIZE;
+    Ok(ShipReport {
+        cycle,
+        base_cycle,
+        initial: false,
+        epoch: frozen.epoch,
+        changed_sectors: scan.differing.count(),
+        zero_bytes,
+        blob_count,
+        stored_bytes,
+        acked,
+        carried_from_failed: carried,
+        resync: Some(ResyncReport {
+            reason,
+            target_cycle: base_cycle,
+            block_bytes,
+            bytes_read: scan.bytes_read,
+            bytes_compared: scan.bytes_read,
+            blocks_differing: scan.blocks_differing,
+            bytes_differing,
+            superseded,
+        }),
+        started,
+        finished: clock.now(),
+    })
+}
+
+/// What a cycle's producer reads and ships.
+enum CyclePlan {
+    /// The frozen bitmap's sectors.
+    Changed(SectorBitmap),
+    /// Every block of the disk, digested and compared with the target's catalog; only the blocks
+    /// that differ are shipped.
+    Resync {
+        block_bytes: u32,
+        digests: Vec<catalog::Digest>,
+    },
+}
+
+/// What the producer of a resync cycle found.
+#[derive(Debug)]
+struct ResyncScan {
+    differing: SectorBitmap,
+    bytes_read: u64,
+    blocks_differing: u64,
+}
+
+/// Bytes a resync reads from the source per call: 4 MiB (whole blocks).
+const RESYNC_READ_BYTES: u64 = 4 << 20;
+
+/// Cuts the blocks of a resync that differ from the target's into blob groups as the disk is
+/// read once, and sends each group's encoded blob.
+fn scan_for_resync<T: ChangeTracker + ?Sized>(
+    tracker: &T,
+    block_bytes: u32,
+    digests: &[catalog::Digest],
+    cfg: &ShipConfig,
+    mut emit: impl FnMut(&[Extent], &[u8]) -> bool,
+) -> Result<Option<ResyncScan>> {
+    let disk_bytes = tracker.disk_bytes();
+    let block = u64::from(block_bytes);
+    let want_blocks = disk_bytes.div_ceil(block);
+    if digests.len() as u64 != want_blocks {
+        return Err(Error::InvalidInput(format!(
+            "the target's catalog has {} digests but the {disk_bytes}-byte source disk has \
+             {want_blocks} blocks of {block_bytes} bytes",
+            digests.len()
+        )));
+    }
+    let span_max = cfg.blob_span_bytes_max.max(block);
+    let chunk = (RESYNC_READ_BYTES / block).max(1) * block;
+    let mut differing = SectorBitmap::new(disk_bytes / SECTOR_SIZE);
+    let mut group: Vec<Extent> = Vec::new();
+    let mut group_buf: Vec<u8> = Vec::new();
+    let mut buf = Vec::new();
+    let mut bytes_read = 0u64;
+    let mut blocks_differing = 0u64;
+    let mut at = 0u64;
+    while at < disk_bytes {
+        let len = chunk.min(disk_bytes - at);
+        buf.resize(len as usize, 0);
+        tracker.read_frozen(&mut buf, at)?;
+        bytes_read += len;
+        for (k, data) in buf.chunks(block as usize).enumerate() {
+            let index = at / block + k as u64;
+            if digests.get(index as usize) == Some(&catalog::block_digest(data)) {
+                continue;
+            }
+            blocks_differing += 1;
+            let offset = index * block;
+            let sectors = data.len() as u64 / SECTOR_SIZE;
+            differing.mark_sectors(offset / SECTOR_SIZE, sectors)?;
+            match group.last_mut() {
+                Some(last) if last.start_sector + last.sector_count == offset / SECTOR_SIZE => {
+                    last.sector_count += sectors;
+                }
+                _ => group.push(Extent::new(offset / SECTOR_SIZE, sectors)),
+            }
+            group_buf.extend_from_slice(data);
+            if group_buf.len() as u64 >= span_max || group.len() >= cfg.blob_extents_max.max(1) {
+                if !emit(&group, &group_buf) {
+                    return Ok(None);
+                }
+                group.clear();
+                group_buf.clear();
+            }
+        }
+        at += len;
+    }
+    if !group.is_empty() && !emit(&group, &group_buf) {
+        return Ok(None);
+    }
+    Ok(Some(ResyncScan {
+        differing,
+        bytes_read,
+        blocks_differing,
+    }))
+}
+
+/// Writes a cycle's blobs and, last, its manifest. Returns (blobs, stored bytes, zero bytes, the
+/// resync scan if the plan was a resync).
 #[allow(clippy::too_many_arguments)]
 async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
     src: &Source<T>,
@@ -601,18 +1144,24 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
     cycle: u64,
     attempt: u64,
     base_cycle: u64,
-    bitmap: &SectorBitmap,
+    plan: CyclePlan,
     clock: &dyn Clock,
     cfg: &ShipConfig,
     progress: &dyn Progress,
-) -> Result<(u32, u64, u64)> {
+) -> Result<(u32, u64, u64, Option<ResyncScan>)> {
     let disk = src.disk_id;
     let salt = crate::error::fresh_salt()?;
     let session = Arc::new(Session::new(disk_key, disk, cycle, attempt, salt));
-    progress.begin(
-        if cycle == 1 { "initial copy" } else { "delta" },
-        bitmap.count() * SECTOR_SIZE,
-    );
+    let (label, total) = match &plan {
+        CyclePlan::Changed(b) if cycle == 1 => ("initial copy", b.count() * SECTOR_SIZE),
+        CyclePlan::Changed(b) => ("delta", b.count() * SECTOR_SIZE),
+        CyclePlan::Resync { .. } => ("checksum resync", src.state.disk_bytes),
+    };
+    progress.begin(label, total);
+    let bitmap = match &plan {
+        CyclePlan::Changed(b) => Some(b.clone()),
+        CyclePlan::Resync { .. } => None,
+    };
 
     // Reading and encoding is blocking work on one thread; puts run concurrently here. The
     // channel bounds the encoded blobs held in memory.
@@ -622,24 +1171,17 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
     let producer_session = Arc::clone(&session);
     let level = cfg.zstd_level;
     let plan_cfg = *cfg;
-    let frozen = bitmap.clone();
-    let producer = tokio::task::spawn_blocking(move || {
-        for (i, group) in BlobPlan::new(frozen.extents(), &plan_cfg).enumerate() {
+    let producer = tokio::task::spawn_blocking(move || -> Result<Option<ResyncScan>> {
+        let mut seq_next = 0u64;
+        // Encodes one group and hands it to the putter; false when the cycle must stop.
+        let mut emit = |group: &[Extent], buf: &[u8]| -> bool {
             let encoded = (|| -> Result<EncodedBlob> {
-                let seq = u32::try_from(i).map_err(|_| {
+                let seq = u32::try_from(seq_next).map_err(|_| {
                     Error::InvalidInput(
                         "a cycle needs more than 2^32 blobs; raise the blob span".into(),
                     )
                 })?;
-                let span: u64 = group.iter().map(Extent::len_bytes).sum();
-                let mut buf = vec![0u8; span as usize];
-                let mut pos = 0usize;
-                for e in &group {
-                    let n = e.len_bytes() as usize;
-                    tracker.read_frozen(&mut buf[pos..pos + n], e.offset_bytes())?;
-                    pos += n;
-                }
-                let (extents, data, zero_bytes) = split_zero_runs(&group, &buf);
+                let (extents, data, zero_bytes) = split_zero_runs(group, buf);
                 let obj = producer_session
                     .encode_blob(seq, &extents, &data, level)
                     .map_err(|e| Error::Object {
@@ -650,14 +1192,43 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
                     seq,
                     bytes: obj.bytes,
                     tag: obj.tag,
-                    span_bytes: span,
+                    span_bytes: buf.len() as u64,
                     zero_bytes,
                 })
             })();
+            seq_next += 1;
             let failed = encoded.is_err();
-            if tx.blocking_send(encoded).is_err() || failed {
-                return;
+            !(tx.blocking_send(encoded).is_err() || failed)
+        };
+        match plan {
+            CyclePlan::Changed(frozen) => {
+                for group in BlobPlan::new(frozen.extents(), &plan_cfg) {
+                    let span: u64 = group.iter().map(Extent::len_bytes).sum();
+                    let mut buf = vec![0u8; span as usize];
+                    let mut pos = 0usize;
+                    let mut read = Ok(());
+                    for e in &group {
+                        let n = e.len_bytes() as usize;
+                        read = tracker.read_frozen(&mut buf[pos..pos + n], e.offset_bytes());
+                        if read.is_err() {
+                            break;
+                        }
+                        pos += n;
+                    }
+                    if let Err(e) = read {
+                        let _ = tx.blocking_send(Err(e));
+                        return Ok(None);
+                    }
+                    if !emit(&group, &buf) {
+                        return Ok(None);
+                    }
+                }
+                Ok(None)
             }
+            CyclePlan::Resync {
+                block_bytes,
+                digests,
+            } => scan_for_resync(&*tracker, block_bytes, &digests, &plan_cfg, &mut emit),
         }
     });
 
@@ -711,17 +1282,29 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
     }
     drop(rx);
     drop(in_flight);
-    let _ = producer.await;
+    let produced = producer
+        .await
+        .map_err(|e| Error::InvalidInput(format!("the cycle's reader stopped: {e}")));
     progress.end();
     if let Some(e) = failure {
         return Err(e);
     }
+    let scan = produced??;
     blobs.sort_by_key(|b| b.seq);
+    let bitmap = match (&scan, bitmap) {
+        (Some(scan), _) => scan.differing.encode(),
+        (None, Some(b)) => b.encode(),
+        (None, None) => {
+            return Err(Error::InvalidInput(
+                "the resync's reader stopped before the end of the disk".into(),
+            ));
+        }
+    };
     let manifest = Manifest {
         base_cycle,
         disk_bytes: src.state.disk_bytes,
         blobs,
-        bitmap: bitmap.encode(),
+        bitmap,
         created_unix_ms: clock.now().unix_ms(),
     };
     let obj = session
@@ -737,7 +1320,7 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
         PutMode::Create,
     )
     .await?;
-    Ok((manifest.blobs.len() as u32, stored_bytes, zero_total))
+    Ok((manifest.blobs.len() as u32, stored_bytes, zero_total, scan))
 }
 
 /// Waits for the first of `futs` to finish; returns its output, its index and the others.

@@ -227,6 +227,12 @@ pub struct SourceState {
     /// A checksum resync to do before the next delta.
     #[serde(default)]
     pub resync: Option<ResyncState>,
+    /// Resync requests put in the cache so far (the next one gets this number plus one).
+    #[serde(default)]
+    pub requests_put: u64,
+    /// The newest target catalog already dealt with.
+    #[serde(default)]
+    pub catalog_seen: u64,
 }
 
 /// `target.json`: the target side's memory.
@@ -248,6 +254,20 @@ pub struct TargetState {
     pub applying_cycle: Option<u64>,
     /// Cycles that failed verification here; never applied, superseded by later cycles.
     pub failed_cycles: Vec<u64>,
+    /// This target state's generation (32 hex digits), made with it and sent in every
+    /// acknowledgement and catalog: a source that sees another one knows the target was replaced.
+    #[serde(default)]
+    pub generation: Option<String>,
+    /// Digest catalogs put in the cache so far (the next one gets this number plus one).
+    #[serde(default)]
+    pub catalogs_published: u64,
+    /// The newest resync request answered with a catalog.
+    #[serde(default)]
+    pub answered_request: u64,
+    /// The committed cycle at which a catalog was last sent unasked (the target could apply
+    /// nothing in the cache), so it is sent once per cycle, not at every hydrate.
+    #[serde(default)]
+    pub stuck_catalog_at: Option<u64>,
 }
 
 #[cfg(test)]

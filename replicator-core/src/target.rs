@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use replicator_sink::{PutMode, Sink};
 
 use crate::bitmap::{Extent, SECTOR_SIZE, SectorBitmap};
+use crate::catalog::{self, DigestCatalog};
 use crate::clock::{Clock, Timestamp};
 use crate::device::BlockDevice;
 use crate::error::{Error, ErrorKind, ReconcileFailure, Result, first_extent_note};
@@ -32,7 +33,7 @@ use crate::keys::{DiskId, DiskKey, MasterKey};
 use crate::layout;
 use crate::progress::Progress;
 use crate::state::{STATE_VERSION, StateDir, TARGET_FILE, TargetState};
-use crate::tracker::{CbtTracker, TrackerConfig};
+use crate::tracker::{CbtTracker, Generation, TrackerConfig};
 
 const STAGING_DIR: &str = "staging";
 /// Bytes of zeros written per call for a zero extent.
@@ -47,6 +48,10 @@ pub struct HydrateConfig {
     /// and writing when the cycle's blobs total at most this many bytes (8 GiB); a larger cycle
     /// is fetched again for writing, and verified again, instead of filling the local disk.
     pub staging_bytes_max: u64,
+    /// Answer a resync request by reading the whole target disk again instead of trusting the
+    /// kept digest catalog (which knows only what cycles wrote): to verify the target, or after
+    /// it may have been written outside replication.
+    pub catalog_reread: bool,
 }
 
 impl Default for HydrateConfig {
@@ -54,6 +59,7 @@ impl Default for HydrateConfig {
         HydrateConfig {
             cycles_max: 0,
             staging_bytes_max: 8 << 30,
+            catalog_reread: false,
         }
     }
 }
@@ -98,7 +104,27 @@ pub struct HydrateReport {
     /// Newer cycles in the cache that cannot be applied yet (their base was never committed
     /// here, typically because an earlier cycle failed and the source has not resent it).
     pub waiting_cycles: Vec<u64>,
+    /// A digest catalog put in the cache by this call, for a checksum resync.
+    pub catalog: Option<PublishedCatalog>,
 }
+
+/// A digest catalog the target put in the cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishedCatalog {
+    /// Its number in the cache.
+    pub number: u64,
+    /// The resync request it answers (0: sent unasked, the target could apply nothing).
+    pub answers_request: u64,
+    /// The committed cycle it describes.
+    pub committed_cycle: u64,
+    pub block_bytes: u32,
+    pub blocks: u64,
+    /// Bytes of the target disk read to make it (only blocks changed since the last catalog).
+    pub bytes_read: u64,
+}
+
+const CATALOG_FILE: &str = "catalog.bin";
+const CATALOG_DIRTY_FILE: &str = "catalog-dirty.bmap";
 
 /// The target side of one disk.
 #[derive(Debug)]
@@ -151,11 +177,24 @@ impl<D: BlockDevice> Target<D> {
                     committed_acked: true,
                     applying_cycle: None,
                     failed_cycles: Vec::new(),
+                    generation: None,
+                    catalogs_published: 0,
+                    answered_request: 0,
+                    stuck_catalog_at: None,
                 };
                 dir.write_json(TARGET_FILE, &s)?;
                 s
             }
         };
+        let mut state = state;
+        if state
+            .generation
+            .as_deref()
+            .is_none_or(|g| g.parse::<Generation>().is_err())
+        {
+            state.generation = Some(Generation::generate()?.to_string());
+            dir.write_json(TARGET_FILE, &state)?;
+        }
         Ok(Target {
             dir,
             state,
@@ -167,6 +206,15 @@ impl<D: BlockDevice> Target<D> {
     /// The persisted state.
     pub fn state(&self) -> &TargetState {
         &self.state
+    }
+
+    /// This target state's generation.
+    pub fn generation(&self) -> Generation {
+        self.state
+            .generation
+            .as_deref()
+            .and_then(|g| g.parse().ok())
+            .unwrap_or(Generation([0; crate::tracker::GENERATION_LEN]))
     }
 
     /// The target device.
@@ -247,6 +295,7 @@ pub async fn hydrate<D: BlockDevice>(
         failed: None,
         committed_cycle: t.state.committed_cycle,
         waiting_cycles: Vec::new(),
+        catalog: None,
     };
     if !t.state.committed_acked {
         put_ack(
@@ -265,6 +314,8 @@ pub async fn hydrate<D: BlockDevice>(
     // One listing serves the whole call: cycles are applied in order, each on the one before, so
     // a cycle passed over because its base was not committed can never apply later in this call.
     let found = candidates(sink, &disk_key, &disk, t.state.committed_cycle).await?;
+    // Bases of the cycles passed over, to tell "waiting for the source" from "stuck for good".
+    let mut stuck_bases: Vec<u64> = Vec::new();
     for (cycle, decoded) in found {
         if t.state.failed_cycles.contains(&cycle) {
             continue;
@@ -280,6 +331,7 @@ pub async fn hydrate<D: BlockDevice>(
         };
         if manifest.base_cycle != t.state.committed_cycle {
             report.waiting_cycles.push(cycle);
+            stuck_bases.push(manifest.base_cycle);
             continue;
         }
         if cfg.cycles_max != 0 && report.applied.len() as u64 >= cfg.cycles_max {
@@ -302,7 +354,148 @@ pub async fn hydrate<D: BlockDevice>(
     let committed = t.state.committed_cycle;
     report.waiting_cycles.retain(|c| *c > committed);
     report.committed_cycle = t.state.committed_cycle;
+    if report.failed.is_none() && t.state.applying_cycle.is_none() {
+        report.catalog = answer_resync(
+            t,
+            sink,
+            &disk_key,
+            &stuck_bases,
+            cfg.catalog_reread,
+            clock,
+            progress,
+        )
+        .await?;
+    }
     Ok(report)
+}
+
+/// The sectors written since the kept catalog was last brought up to date.
+fn read_dirty<D: BlockDevice>(t: &Target<D>, disk_sectors: u64) -> Result<SectorBitmap> {
+    if t.dir.file(CATALOG_DIRTY_FILE).exists() {
+        t.dir.read_bitmap(CATALOG_DIRTY_FILE, disk_sectors)
+    } else {
+        Ok(SectorBitmap::new(disk_sectors))
+    }
+}
+
+/// Puts a digest catalog in the cache when the source asked for one (a resync request newer than
+/// the last answered), or unasked when cycles are waiting in the cache but none can ever apply
+/// here (none is based on the committed cycle, and none waits on a cycle that failed here, which
+/// the source carries forward by itself): the target was replaced, restored, or lost its chain.
+async fn answer_resync<D: BlockDevice>(
+    t: &mut Target<D>,
+    sink: &dyn Sink,
+    disk_key: &DiskKey,
+    stuck_bases: &[u64],
+    reread: bool,
+    clock: &dyn Clock,
+    progress: &dyn Progress,
+) -> Result<Option<PublishedCatalog>> {
+    let disk = t.disk_id;
+    let mut newest: Option<(u64, u32)> = None;
+    for meta in sink.list(&layout::requests_prefix(&disk)).await? {
+        let Some(number) = layout::cycle_of_key(&meta.key) else {
+            continue;
+        };
+        if number <= t.state.answered_request || newest.is_some_and(|(n, _)| n >= number) {
+            continue;
+        }
+        let bytes = match sink.get(&meta.key).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let expect = Expect {
+            disk_id: disk,
+            cycle: number,
+            attempt: None,
+            seq: None,
+            tag: None,
+        };
+        match format::decode_resync_request(disk_key, &bytes, &expect) {
+            Ok((_, q)) => newest = Some((number, q.block_bytes)),
+            Err(e) if e.is_wrong_key() => {
+                return Err(Error::Object {
+                    key: meta.key,
+                    source: e,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(key = %meta.key, error = %e, "ignoring a resync request that failed verification");
+            }
+        }
+    }
+    let committed = t.state.committed_cycle;
+    let stuck = !stuck_bases.is_empty()
+        && stuck_bases
+            .iter()
+            .all(|b| *b != committed && !t.state.failed_cycles.contains(b))
+        && t.state.stuck_catalog_at != Some(committed);
+    let (answers_request, block_bytes) = match newest {
+        Some((n, block)) => (n, block),
+        None if stuck => (0, catalog::DEFAULT_BLOCK_BYTES),
+        None => return Ok(None),
+    };
+    let size = t.tracker.size_bytes();
+    let path = t.dir.file(CATALOG_FILE);
+    let disk_sectors = size / SECTOR_SIZE;
+    // The kept catalog, brought up to date by reading only the blocks written since; or, with
+    // none (or another block size), one made by reading the whole disk once.
+    let kept =
+        DigestCatalog::load(&path, size)?.filter(|c| c.block_bytes == block_bytes && !reread);
+    let (cat, bytes_read) = match kept {
+        Some(mut cat) => {
+            let dirty = read_dirty(t, disk_sectors)?;
+            let read = cat.refresh(t.tracker.device(), &dirty, committed)?;
+            (cat, read)
+        }
+        None => DigestCatalog::build(t.tracker.device(), block_bytes, committed, progress)?,
+    };
+    cat.save(&path)?;
+    t.dir.remove(CATALOG_DIRTY_FILE)?;
+    let number = t.state.catalogs_published + 1;
+    let key = layout::catalog_key(&disk, number);
+    let salt = crate::error::fresh_salt()?;
+    let session = Session::new(disk_key, disk, number, 0, salt);
+    let blocks = cat.digests.len() as u64;
+    let obj = session
+        .encode_catalog(&format::Catalog {
+            target_generation: t.generation().0,
+            committed_cycle: committed,
+            answers_request,
+            block_bytes,
+            disk_bytes: size,
+            digests: cat.digests,
+            created_unix_ms: clock.now().unix_ms(),
+        })
+        .map_err(|e| Error::Object {
+            key: key.clone(),
+            source: e,
+        })?;
+    sink.put(&key, obj.bytes, PutMode::Overwrite).await?;
+    t.state.catalogs_published = number;
+    if answers_request > 0 {
+        t.state.answered_request = answers_request;
+    } else {
+        t.state.stuck_catalog_at = Some(committed);
+    }
+    t.save()?;
+    tracing::info!(
+        number,
+        answers_request,
+        committed,
+        blocks,
+        bytes_read,
+        "digest catalog put in the cache"
+    );
+    Ok(Some(PublishedCatalog {
+        number,
+        answers_request,
+        committed_cycle: committed,
+        block_bytes,
+        blocks,
+        bytes_read,
+    }))
 }
 
 async fn put_ack<D: BlockDevice>(
@@ -331,6 +524,7 @@ async fn put_ack<D: BlockDevice>(
         status,
         sectors_written,
         message,
+        target_generation: Some(t.generation().0),
     };
     let key = layout::ack_key(&t.disk_id, cycle);
     let obj = session.encode_ack(&ack).map_err(|e| Error::Object {
@@ -544,6 +738,12 @@ async fn apply_cycle<D: BlockDevice>(
     // Phase 2: write, re-checking each blob right before its bytes go out.
     t.state.applying_cycle = Some(cycle);
     t.save()?;
+    // The kept digest catalog learns which blocks to read again before any of them changes.
+    if t.dir.file(CATALOG_FILE).exists() {
+        let mut dirty = read_dirty(t, disk_sectors)?;
+        dirty.union_with(&expected)?;
+        t.dir.write_bitmap(CATALOG_DIRTY_FILE, &dirty)?;
+    }
     let _ = t.tracker.take_current();
     progress.begin(
         &format!("apply cycle {cycle}"),

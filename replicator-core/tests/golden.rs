@@ -123,6 +123,8 @@ fn golden_ack_value() -> Ack {
         status: AckStatus::Applied,
         sectors_written: 1234,
         message: "ok".into(),
+        // The v1 vector predates generations: it must keep decoding without one.
+        target_generation: None,
     }
 }
 

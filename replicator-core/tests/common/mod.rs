@@ -12,7 +12,7 @@ use replicator_core::clock::{SimClock, Timestamp};
 use replicator_core::device::{BlockDevice, DeviceError, DeviceOp, MemDevice};
 use replicator_core::keys::MasterKey;
 use replicator_core::progress::NoProgress;
-use replicator_core::source::{ShipConfig, ShipReport, Source, ship_cycle};
+use replicator_core::source::{ShipConfig, ShipOutcome, ShipReport, Source, ship_cycle};
 use replicator_core::target::{HydrateConfig, HydrateReport, Target, hydrate};
 use replicator_core::tracker::{CbtTracker, TrackerConfig};
 use replicator_sink::wrap::{Fault, FaultRule, FaultSink, OpKind, Trigger};
@@ -139,6 +139,11 @@ impl World {
     }
 
     pub async fn ship(&mut self) -> anyhow::Result<ShipReport> {
+        Ok(self.ship_outcome().await?.into_shipped()?)
+    }
+
+    /// Ships, returning the outcome as is (a resync may await the target's catalog).
+    pub async fn ship_outcome(&mut self) -> anyhow::Result<ShipOutcome> {
         Ok(ship_cycle(
             &mut self.source,
             self.sink.as_ref(),
@@ -177,6 +182,41 @@ impl World {
             }
             self.source.tracker().write_at(&data, off)?;
         }
+        Ok(())
+    }
+
+    /// Stops the source (dropping it without a checkpoint, as a crash would), lets `between`
+    /// change its state directory, and opens it again.
+    pub fn reopen_source(
+        &mut self,
+        between: impl FnOnce(&Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<replicator_core::tracker::OpenReport> {
+        let dir = self.dir.path().join("src-state");
+        let placeholder_dir = self.dir.path().join("placeholder-state");
+        let _ = std::fs::remove_dir_all(&placeholder_dir);
+        let (placeholder, _) = Source::open(
+            &placeholder_dir,
+            Arc::new(MemDevice::new("placeholder", DISK_BYTES)),
+            TrackerConfig::default(),
+        )?;
+        drop(std::mem::replace(&mut self.source, placeholder));
+        between(&dir)?;
+        let (source, report) =
+            Source::open(&dir, Arc::clone(&self.src_disk), TrackerConfig::default())?;
+        self.source = source;
+        Ok(report)
+    }
+
+    /// Replaces the target with one whose state lives in `state_dir` (new or kept) and whose disk
+    /// is `disk`.
+    pub fn replace_target(&mut self, state_dir: &Path, disk: Arc<MemDevice>) -> anyhow::Result<()> {
+        self.target = None;
+        self.target = Some(Target::open(
+            state_dir,
+            Arc::clone(&disk),
+            self.source.disk_id(),
+        )?);
+        self.tgt_disk = disk;
         Ok(())
     }
 
