@@ -303,6 +303,10 @@ pub struct HydrateArgs {
     /// this state directory is new.
     #[arg(long)]
     disk: Option<String>,
+    /// Answer a resync request by reading the whole target again instead of trusting the kept
+    /// digest catalog (use it when the target may have been written outside replication).
+    #[arg(long)]
+    reread_catalog: bool,
 }
 
 /// Finds which disk a target state directory follows.
@@ -363,8 +367,23 @@ pub fn print_hydrate(r: &HydrateReport) -> bool {
     }
     if !r.waiting_cycles.is_empty() {
         println!(
-            "  cycles {:?} wait for the source to resend a failed cycle",
+            "  cycles {:?} wait for a cycle this target does not have",
             r.waiting_cycles
+        );
+    }
+    if let Some(c) = &r.catalog {
+        let why = if c.answers_request == 0 {
+            "unasked: no cycle in the cache applies here, so the source must resync".to_owned()
+        } else {
+            format!("answering resync request {}", c.answers_request)
+        };
+        println!(
+            "put digest catalog {} ({why}): {} blocks of {} as of cycle {}, {} read",
+            c.number,
+            c.blocks,
+            table::bytes(u64::from(c.block_bytes)),
+            c.committed_cycle,
+            table::bytes(c.bytes_read)
         );
     }
     false
@@ -384,7 +403,10 @@ pub async fn hydrate(args: HydrateArgs) -> Result<ExitCode> {
         sink.as_ref(),
         &key,
         &SystemClock,
-        &HydrateConfig::default(),
+        &HydrateConfig {
+            catalog_reread: args.reread_catalog,
+            ..HydrateConfig::default()
+        },
         &bars,
     )
     .await?;

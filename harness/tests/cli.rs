@@ -488,3 +488,104 @@ fn ship_follow_runs_the_schedule_and_ctrl_c_leaves_a_safe_state() -> anyhow::Res
     ok(&["verify", "--source", &s(&src), "--target", &s(&tgt)])?;
     Ok(())
 }
+
+#[test]
+fn ship_resync_repairs_a_target_written_outside_replication() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let (src, tgt, key, cache, sst, tst) = (
+        d.join("src.img"),
+        d.join("tgt.img"),
+        d.join("key"),
+        d.join("cache"),
+        d.join("src-state"),
+        d.join("tgt-state"),
+    );
+    for img in [&src, &tgt] {
+        std::fs::File::create(img)?.set_len(8 << 20)?;
+    }
+    ok(&["keygen", "--out", &s(&key)])?;
+    let write = |seed: &str| {
+        ok(&[
+            "write",
+            "--source",
+            &s(&src),
+            "--state",
+            &s(&sst),
+            "--pattern",
+            "innodb",
+            "--bytes",
+            "1M",
+            "--seed",
+            seed,
+        ])
+    };
+    let ship = |extra: &[&str]| {
+        let mut args = vec![
+            "ship",
+            "--source",
+            &s(&src),
+            "--sink",
+            &s(&cache),
+            "--state",
+            &s(&sst),
+            "--key-file",
+            &s(&key),
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(&refs)
+    };
+    let hydrate = || {
+        ok(&[
+            "hydrate",
+            "--target",
+            &s(&tgt),
+            "--sink",
+            &s(&cache),
+            "--state",
+            &s(&tst),
+            "--key-file",
+            &s(&key),
+        ])
+    };
+    write("1")?;
+    ship(&[])?;
+    hydrate()?;
+    ok(&["verify", "--source", &s(&src), "--target", &s(&tgt)])?;
+    // Someone writes to the target image directly.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&tgt)?;
+        f.write_all_at(&[0x5A; 8192], 3 << 20)?;
+    }
+    let (c, out) = code(&["verify", "--source", &s(&src), "--target", &s(&tgt)])?;
+    assert_eq!(c, 1, "{out}");
+    let out = ship(&["--resync", "--resync-block-size", "16384"])?;
+    assert!(
+        out.contains("no cycle shipped") && out.contains("resync request 1"),
+        "{out}"
+    );
+    let out = hydrate()?;
+    assert!(
+        out.contains("put digest catalog 1 (answering resync request 1)"),
+        "{out}"
+    );
+    let out = ship(&[])?;
+    assert!(
+        out.contains("checksum resync") && out.contains("1 blocks differed"),
+        "{out}"
+    );
+    hydrate()?;
+    ok(&["verify", "--source", &s(&src), "--target", &s(&tgt)])?;
+    // Tracking goes on as before.
+    write("2")?;
+    let out = ship(&[])?;
+    assert!(out.contains("(delta"), "{out}");
+    hydrate()?;
+    ok(&["verify", "--source", &s(&src), "--target", &s(&tgt)])?;
+    Ok(())
+}
