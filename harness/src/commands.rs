@@ -10,7 +10,7 @@ use replicator_core::ErrorKind;
 use replicator_core::clock::{Clock, SystemClock};
 use replicator_core::device::{BlockDevice, FileDevice};
 use replicator_core::gc::{GcPolicy, plan_gc, run_gc};
-use replicator_core::keys::{DiskId, MasterKey};
+use replicator_core::keys::{DiskId, KeyError, MasterKey};
 use replicator_core::schedule::{Next, SchedulePolicy, Scheduler};
 use replicator_core::source::{ShipConfig, ShipOutcome, ShipReport, Source, ship_cycle};
 use replicator_core::state::{
@@ -82,14 +82,13 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
 
 /// Reads a master key file, with errors naming the file and line.
 pub fn read_key(path: &Path) -> Result<MasterKey> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        usage(format!(
-            "cannot read key file {}: {e}; create one with `harness keygen --out {}`",
-            path.display(),
+    MasterKey::load_key_file(path).map_err(|e| match e {
+        KeyError::KeyFileRead { .. } => usage(format!(
+            "{e}; create one with `harness keygen --out {}`",
             path.display()
-        ))
-    })?;
-    MasterKey::parse_key_file(&text, &path.display().to_string()).map_err(|e| usage(e.to_string()))
+        )),
+        other => usage(other.to_string()),
+    })
 }
 
 /// `harness keygen`.

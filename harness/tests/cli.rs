@@ -230,6 +230,31 @@ fn bad_usage_and_bad_input_exit_2_with_a_clear_message() -> anyhow::Result<()> {
     std::fs::write(&bad_key, "# replicator master key v1\nnot-hex\n")?;
     let img = d.join("img");
     std::fs::File::create(&img)?.set_len(1 << 20)?;
+    // A key file others can read is refused before it is even parsed.
+    let ship_with_bad_key = || {
+        code(&[
+            "ship",
+            "--source",
+            &s(&img),
+            "--sink",
+            &s(&d.join("c")),
+            "--state",
+            &s(&d.join("st")),
+            "--key-file",
+            &s(&bad_key),
+        ])
+    };
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bad_key, std::fs::Permissions::from_mode(0o644))?;
+        let (c, out) = ship_with_bad_key()?;
+        assert_eq!(c, 2, "{out}");
+        assert!(
+            out.contains("mode 0644") && out.contains("chmod 600"),
+            "{out}"
+        );
+        std::fs::set_permissions(&bad_key, std::fs::Permissions::from_mode(0o600))?;
+    }
     let (c, out) = code(&[
         "ship",
         "--source",

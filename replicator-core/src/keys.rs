@@ -71,6 +71,14 @@ pub enum KeyError {
     /// A disk id string could not be parsed.
     #[error("invalid disk id {input:?}: {reason}")]
     InvalidDiskId { input: String, reason: String },
+    /// The key file can be read or written by users other than its owner.
+    #[error(
+        "key file {path} has mode {mode:04o}: its group or other users may read or change it, so the key may have leaked; run `chmod 600 {path}` (and consider a new key)"
+    )]
+    KeyFilePermissions { path: String, mode: u32 },
+    /// The key file could not be read.
+    #[error("cannot read key file {path}: {reason}")]
+    KeyFileRead { path: String, reason: String },
 }
 
 // ---------------------------------------------------------------------------
@@ -237,6 +245,35 @@ impl MasterKey {
                 path: path_for_errors.to_owned(),
             }),
         }
+    }
+
+    /// Reads and parses a key file, refusing one that its group or other users could read or
+    /// write (any of the mode bits 0o077): a key others can read is no longer secret.
+    pub fn load_key_file(path: &std::path::Path) -> Result<Self, KeyError> {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let shown = path.display().to_string();
+        let read_err = |e: std::io::Error| KeyError::KeyFileRead {
+            path: shown.clone(),
+            reason: e.to_string(),
+        };
+        let mut file = std::fs::File::open(path).map_err(read_err)?;
+        let mode = file.metadata().map_err(read_err)?.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::KeyFilePermissions { path: shown, mode });
+        }
+        let mut bytes = Vec::new();
+        let read = file.read_to_end(&mut bytes).map_err(read_err);
+        let parsed = read.and_then(|_| match std::str::from_utf8(&bytes) {
+            Ok(text) => Self::parse_key_file(text, &shown),
+            Err(e) => Err(KeyError::KeyFileRead {
+                path: shown.clone(),
+                reason: format!("it is not text (invalid UTF-8 at byte {})", e.valid_up_to()),
+            }),
+        });
+        // The file's text holds the key too.
+        wipe(&mut bytes);
+        parsed
     }
 
     /// The key of one disk:
@@ -494,6 +531,28 @@ mod tests {
                 line: 3
             }
         );
+    }
+
+    #[test]
+    fn key_files_others_can_read_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        std::fs::write(&path, master().to_key_file()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = MasterKey::load_key_file(&path).err().unwrap().to_string();
+        assert!(
+            err.contains("mode 0644") && err.contains("chmod 600"),
+            "{err}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let key = MasterKey::load_key_file(&path).unwrap();
+        assert_eq!(key.to_key_file(), master().to_key_file());
+        let missing = MasterKey::load_key_file(&dir.path().join("nope"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(missing.contains("nope"), "{missing}");
     }
 
     #[test]
