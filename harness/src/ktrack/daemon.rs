@@ -674,8 +674,9 @@ pub fn start(cfg: &DaemonConfig) -> Result<RunningDaemon> {
             dev.size_bytes
         );
     }
-    fs::create_dir_all(DEVICE_LOCK_DIR)
-        .with_context(|| format!("creating {DEVICE_LOCK_DIR} for the device locks"))?;
+    fs::create_dir_all(DEVICE_LOCK_DIR).with_context(|| {
+        format!("creating {DEVICE_LOCK_DIR} for the device locks (the tracker runs as root)")
+    })?;
     let dev_lock_path =
         PathBuf::from(DEVICE_LOCK_DIR).join(format!("ktrack-{}-{}.lock", dev.major, dev.minor));
     let mut dev_lock = lock_file(&dev_lock_path, |holder| {
