@@ -2,8 +2,8 @@
 # Runs every check and test of the project on a fresh Debian 12 machine, as root.
 # It installs what the tests need, sets up what they use (loop devices), runs format, lint,
 # unit, property, end-to-end, CLI, golden-vector, benchmark-smoke and fuzz-smoke checks, and
-# leaves nothing behind (no loop device attached, no server running: the tests start Azurite and
-# Garage on free local ports and stop them by PID).
+# leaves nothing behind (no loop device attached, no trace instance, no server running: the tests
+# start Azurite and Garage on free local ports and stop them by PID).
 #
 #   scripts/test.sh            everything
 #   scripts/test.sh --quick    format, lint and tests only (no bench or fuzz smoke)
@@ -26,6 +26,10 @@ command -v cc >/dev/null || missing+=(gcc libc6-dev)
 command -v make >/dev/null || missing+=(make)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+command -v fio >/dev/null || missing+=(fio)
+command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
+command -v blkdiscard >/dev/null || missing+=(util-linux)
+command -v cmp >/dev/null || missing+=(diffutils)
 if ((${#missing[@]})); then
     step "installing ${missing[*]}"
     apt-get update -qq
@@ -37,12 +41,29 @@ if [[ ! -e /dev/loop-control ]]; then
     modprobe loop 2>/dev/null || die "no /dev/loop-control and 'modprobe loop' failed: this kernel needs loop device support"
 fi
 loops_before=$(losetup -a | sort)
+# The kernel tracker tests read block events from tracefs.
+tracefs_mounted_here=0
+if [[ ! -d /sys/kernel/tracing/instances ]]; then
+    mount -t tracefs nodev /sys/kernel/tracing \
+        || die "cannot mount tracefs at /sys/kernel/tracing: the kernel tracker tests need a kernel with tracing support"
+    tracefs_mounted_here=1
+fi
 
 step "object-storage servers for the tests (Azurite from npm, Garage from crates.io)"
 scripts/setup-tools.sh
 
 cleanup() {
-    local loops_after
+    local loops_after leftover
+    leftover=$(find /sys/kernel/tracing/instances -maxdepth 1 -name 'replicator-ktrack-*' 2>/dev/null || true)
+    if [[ -n "$leftover" ]]; then
+        echo "error: trace instances were left by the tests:" >&2
+        echo "$leftover" >&2
+        echo "$leftover" | xargs -r -n1 rmdir || true
+        exit 1
+    fi
+    if ((tracefs_mounted_here)); then
+        umount /sys/kernel/tracing || true
+    fi
     loops_after=$(losetup -a | sort)
     if [[ "$loops_after" != "$loops_before" ]]; then
         echo "error: loop devices were left attached by the tests:" >&2

@@ -26,6 +26,7 @@ use replicator_sink::Sink;
 use crate::bars::Bars;
 use crate::sinks::SinkArgs;
 use crate::table;
+use crate::trackers::{TrackerArgs, open_source};
 use crate::workload::{Pattern, run_pattern};
 
 /// A usage or input problem: exit code 2.
@@ -134,6 +135,8 @@ pub struct ShipArgs {
     /// The master key file (see `harness keygen`).
     #[arg(long)]
     key_file: PathBuf,
+    #[command(flatten)]
+    tracker: TrackerArgs,
     /// Keep shipping on the schedule (first delta at once, then min(max(1h, d/2), 12h) after
     /// each delta) until Ctrl-C, which stops between cycles, or, pressed twice, at once; both
     /// leave a state the next run resumes from.
@@ -210,8 +213,7 @@ pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
     let key = read_key(&args.key_file)?;
     let stack = args.sink.open()?;
     let sink = &stack.sink;
-    let device = open_device(&args.source, "source")?;
-    let (mut source, report) = Source::open(&args.state, device, TrackerConfig::default())?;
+    let (mut source, report) = open_source(&args.tracker, &args.state, &args.source)?;
     if report.unclean {
         eprintln!(
             "note: the previous run stopped uncleanly; {} activity-log regions were marked changed",
@@ -219,7 +221,11 @@ pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
         );
     }
     if let Some(reason) = &report.lost {
-        eprintln!("note: tracking was lost ({reason}); a checksum resync replaces the next delta");
+        println!(
+            "note: the {} tracker lost track of changes ({reason}); a checksum resync against \
+             the target's digests replaces the next delta",
+            source.tracker().kind()
+        );
     }
     let cfg = ShipConfig {
         zstd_level: args.zstd_level,
@@ -448,23 +454,31 @@ pub fn verify(source: &Path, target: &Path) -> Result<ExitCode> {
 /// Arguments of `harness status`.
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
-    /// A source or target state directory.
+    /// A source, target or kernel tracker state directory.
     #[arg(long)]
     state: PathBuf,
     /// Also list the disk's cycles in this cache.
     #[arg(long)]
     sink: Option<String>,
+    /// Also show the kernel tracker with this state directory (its running daemon, or what it
+    /// saved).
+    #[arg(long)]
+    tracker_state: Option<PathBuf>,
 }
 
 /// `harness status`.
 pub async fn status(args: StatusArgs) -> Result<ExitCode> {
     let source: Option<SourceState> = read_json_file(&args.state.join(SOURCE_FILE))?;
     let target: Option<TargetState> = read_json_file(&args.state.join(TARGET_FILE))?;
-    if source.is_none() && target.is_none() {
+    let kernel = args.state.join(crate::ktrack::state::STATE_FILE).exists();
+    if source.is_none() && target.is_none() && !kernel {
         return Err(usage(format!(
-            "{} holds no source or target state",
+            "{} holds no source, target or kernel tracker state",
             args.state.display()
         )));
+    }
+    if kernel {
+        crate::ktrack::status(&args.state)?;
     }
     let mut disk = None;
     if let Some(s) = &source {
@@ -480,6 +494,15 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
                 "  cycle {} (attempt {}) was interrupted; the next ship settles it",
                 f.cycle, f.attempt
             );
+        }
+        println!(
+            "  tracker: {} (generation {})",
+            s.tracker_kind.as_deref().unwrap_or("none yet"),
+            s.tracker_generation.as_deref().unwrap_or("-")
+        );
+        match &s.resync {
+            Some(r) => println!("  tracking lost: a checksum resync is owed ({})", r.reason),
+            None => println!("  tracking intact as far as this source knows"),
         }
         disk = Some(s.disk_id.clone());
     }
@@ -501,6 +524,9 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
             );
         }
         disk = Some(t.disk_id.clone());
+    }
+    if let Some(dir) = &args.tracker_state {
+        crate::ktrack::status(dir)?;
     }
     if let (Some(url), Some(disk)) = (args.sink, disk) {
         let sink = crate::sinks::open(&[url], None, "UTC", 1)?.sink;
@@ -575,6 +601,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// `harness write`.
 pub fn write(args: WriteArgs) -> Result<ExitCode> {
+    let known: Option<SourceState> = read_json_file(&args.state.join(SOURCE_FILE))?;
+    if let Some(kind) = known.and_then(|s| s.tracker_kind)
+        && kind != "cbt"
+    {
+        return Err(usage(format!(
+            "{} is shipped with the {kind} tracker, which sees writes made by any program: write \
+             to {} directly (`harness write` writes through the cbt tracker, whose state would \
+             replace it)",
+            args.state.display(),
+            args.source.display()
+        )));
+    }
     let device = open_device(&args.source, "source")?;
     let (source, _) = Source::open(&args.state, device, TrackerConfig::default())?;
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);

@@ -15,15 +15,17 @@ use replicator_core::progress::Progress;
 use replicator_core::schedule::SchedulePolicy;
 use replicator_core::source::{ShipConfig, ShipOutcome, Source, ship_cycle};
 use replicator_core::target::{HydrateConfig, Target, hydrate};
-use replicator_core::tracker::TrackerConfig;
+use replicator_core::tracker::{CbtTracker, ChangeTracker, TrackerConfig};
 use replicator_core::verify::verify_devices;
 use replicator_sink::Sink;
 use replicator_sink::wrap::RetryPolicy;
 
 use crate::bars::Bars;
-use crate::commands::{Failed, parse_size};
+use crate::commands::{Failed, UsageError, parse_size};
+use crate::ktrack::{DaemonConfig, KernelTracker, RunningDaemon, daemon};
 use crate::loopdev::LoopDevice;
 use crate::table::{self, Row};
+use crate::trackers::{AnySource, TrackerKind};
 use crate::workload::{Pattern, fill_image, run_pattern};
 
 /// Arguments of `harness demo`.
@@ -55,6 +57,11 @@ pub struct DemoArgs {
     /// Run on Linux loop devices over the image files (needs root and losetup).
     #[arg(long = "loop")]
     loop_devices: bool,
+    /// The source's change tracker: `cbt` marks the demo's writes as they pass through it;
+    /// `kernel` (needs --loop) writes to the loop device like an application and follows the
+    /// kernel's block events, as `harness track` does.
+    #[arg(long, value_enum, default_value_t = TrackerKind::Cbt)]
+    tracker: TrackerKind,
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
@@ -92,8 +99,73 @@ fn make_disks(dir: &Path, size: u64, use_loop: bool) -> Result<Disks> {
     })
 }
 
+/// The source side of a demo: the tracked source, where workloads write, and where the source
+/// is read for verification. Fields drop in order: the source (a tracker client) before the
+/// tracker daemon it talks to.
+struct DemoSource {
+    source: AnySource,
+    writer: Arc<dyn BlockDevice>,
+    reader: Arc<dyn BlockDevice>,
+    _daemon: Option<RunningDaemon>,
+}
+
+fn open_demo_source(kind: TrackerKind, dir: &Path, disk: &Path) -> Result<DemoSource> {
+    let state = dir.join("source-state");
+    match kind {
+        TrackerKind::Cbt => {
+            // Writes go through the tracker, which is also a block device.
+            let mut cbt = None;
+            let (source, _) = Source::open_with(&state, |tracker_dir| {
+                let (t, r) = CbtTracker::open(
+                    FileDevice::open(disk)?,
+                    tracker_dir,
+                    TrackerConfig::default(),
+                )?;
+                let t = Arc::new(t);
+                cbt = Some(Arc::clone(&t));
+                Ok((t as Arc<dyn ChangeTracker>, r))
+            })?;
+            let cbt = cbt.context("the tracker was not opened")?;
+            Ok(DemoSource {
+                source,
+                writer: cbt,
+                reader: Arc::new(FileDevice::open_read_only(disk)?),
+                _daemon: None,
+            })
+        }
+        TrackerKind::Kernel => {
+            // The daemon `harness track` runs, in-process; the workload writes to the device
+            // node like any application, and the tracker sees it in the kernel's events.
+            let tracker_dir = dir.join("tracker-state");
+            let daemon = daemon::start(&DaemonConfig {
+                device: disk.to_path_buf(),
+                state_dir: tracker_dir.clone(),
+                checkpoint_interval: Duration::from_secs(daemon::CHECKPOINT_SECS_DEFAULT),
+                buffer_kb_per_cpu: daemon::BUFFER_KB_PER_CPU_DEFAULT,
+                verbose: false,
+            })?;
+            let (source, _) = Source::open_with(&state, |_| {
+                let (t, r) = KernelTracker::connect(&tracker_dir, disk)?;
+                Ok((Arc::new(t) as Arc<dyn ChangeTracker>, r))
+            })?;
+            let device: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(disk)?);
+            Ok(DemoSource {
+                source,
+                writer: Arc::clone(&device),
+                reader: device,
+                _daemon: Some(daemon),
+            })
+        }
+    }
+}
+
 /// Runs the demo. Exit 0 only if the target ends byte-identical to the source after every cycle.
 pub async fn run(args: DemoArgs) -> Result<ExitCode> {
+    if args.tracker == TrackerKind::Kernel && !args.loop_devices {
+        bail!(UsageError(
+            "--tracker kernel follows a Linux block device: add --loop (as root)".into()
+        ));
+    }
     let temp;
     let dir = match &args.dir {
         Some(d) => {
@@ -138,11 +210,16 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     }
 
     let key = MasterKey::generate()?;
-    let (mut source, _) = Source::open(
-        &dir.join("source-state"),
-        FileDevice::open(&disks.source)?,
-        TrackerConfig::default(),
-    )?;
+    let mut demo = open_demo_source(args.tracker, &dir, &disks.source)?;
+    let source = &mut demo.source;
+    println!(
+        "tracker: {} ({})",
+        source.tracker().kind(),
+        match args.tracker {
+            TrackerKind::Cbt => "the demo's writes pass through it",
+            TrackerKind::Kernel => "the kernel's block events for the source device",
+        }
+    );
     let mut target = Target::open(
         &dir.join("target-state"),
         FileDevice::open(&disks.target)?,
@@ -168,14 +245,21 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
             (p.name().to_owned(), Some(p))
         };
         if let Some(p) = pattern {
-            let tracker = Arc::clone(source.tracker());
             bars.start(&format!("write {}", p.name()), args.churn);
-            run_pattern(tracker.as_ref(), p, args.churn, &mut rng, &mut log_cursor)?;
+            run_pattern(
+                demo.writer.as_ref(),
+                p,
+                args.churn,
+                &mut rng,
+                &mut log_cursor,
+            )?;
+            // Like an application before a consistency point: the writes reach the device.
+            demo.writer.flush()?;
             bars.advance(args.churn);
             bars.end();
         }
         let ship_started = clock.now();
-        let mut outcome = ship_cycle(&mut source, sink.as_ref(), &key, &clock, &cfg, &bars).await?;
+        let mut outcome = ship_cycle(source, sink.as_ref(), &key, &clock, &cfg, &bars).await?;
         if let ShipOutcome::AwaitingCatalog { reason, .. } = &outcome {
             // The target answers the resync request on its next hydrate; then ship again.
             println!("checksum resync owed ({reason}); asking the target for its digests");
@@ -188,7 +272,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
                 &bars,
             )
             .await?;
-            outcome = ship_cycle(&mut source, sink.as_ref(), &key, &clock, &cfg, &bars).await?;
+            outcome = ship_cycle(source, sink.as_ref(), &key, &clock, &cfg, &bars).await?;
         }
         let shipped = outcome.into_shipped()?;
         let ship_took = clock.now().since(ship_started);
@@ -207,7 +291,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
             println!("cycle {} failed on the target: {}", f.cycle, f.error);
             all_identical = false;
         }
-        let report = verify_devices(source.tracker().device(), target.device(), &bars)?;
+        let report = verify_devices(demo.reader.as_ref(), target.device(), &bars)?;
         let identical = report.identical();
         if !identical {
             all_identical = false;

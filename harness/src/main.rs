@@ -6,9 +6,11 @@
 mod bars;
 mod commands;
 mod demo;
+mod ktrack;
 mod loopdev;
 mod sinks;
 mod table;
+mod trackers;
 mod workload;
 
 use std::path::PathBuf;
@@ -56,13 +58,17 @@ enum Command {
         #[arg(long)]
         target: PathBuf,
     },
-    /// Show the replication state of a source or target state directory.
+    /// Show the replication state of a source, target or kernel tracker state directory: cycles,
+    /// the tracker kind, and whether tracking is lost.
     Status(commands::StatusArgs),
     /// Write a workload to the source through its tracker, so the next ship sees every change.
     Write(commands::WriteArgs),
     /// Remove cache objects no longer needed (acknowledged beyond the retained cycles, superseded,
     /// abandoned attempts, processed acknowledgements). Every ship also does this.
     Gc(commands::GcArgs),
+    /// Track a block device's changes from the kernel's block events (as root; tracefs), until
+    /// SIGTERM or Ctrl-C: every write by any process is marked, for `ship --tracker kernel`.
+    Track(ktrack::TrackArgs),
 }
 
 fn main() -> ExitCode {
@@ -93,6 +99,7 @@ fn main() -> ExitCode {
             Command::Status(args) => commands::status(args).await,
             Command::Write(args) => commands::write(args),
             Command::Gc(args) => commands::gc(args).await,
+            Command::Track(args) => ktrack::run(args).await,
         }
     });
     match result {
