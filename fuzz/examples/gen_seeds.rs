@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 use replicator_core::bitmap::SectorBitmap;
 use replicator_core::format::{
-    Ack, AckStatus, BlobExtent, ExtentKind, Manifest, ObjectKind, Session, decode_ack, decode_blob,
-    decode_manifest,
+    Ack, AckStatus, BlobExtent, Catalog, ExtentKind, Manifest, ObjectKind, ResyncRequest, Session,
+    decode_ack, decode_blob, decode_manifest,
 };
 use replicator_core::keys::MasterKey;
 use replicator_fuzz::{
@@ -121,18 +121,40 @@ fn main() {
             status: AckStatus::Failed,
             sectors_written: 0,
             message: "target device is read-only: écrit refusé".into(),
+            target_generation: Some([0x22; 16]),
         })
         .expect("ack");
     write(&seeds, "decode_ack", "ack_failed.bin", &failed.bytes);
 
-    // --- plaintexts for decode_sealed_payload (byte 0: kind % 3, seq / 3) ---
+    let catalog = session(GOLDEN_SALT)
+        .encode_catalog(&Catalog {
+            target_generation: [0x11; 16],
+            committed_cycle: 6,
+            answers_request: 2,
+            block_bytes: 4096,
+            disk_bytes: 5 * 4096 + 1024,
+            digests: (0..6u8).map(|i| [i % 2; 16]).collect(),
+            created_unix_ms: 1_700_000_000_000,
+        })
+        .expect("catalog");
+    write(&seeds, "decode_catalog", "catalog_small.bin", &catalog.bytes);
+    let request = session(GOLDEN_SALT)
+        .encode_resync_request(&ResyncRequest {
+            block_bytes: 65536,
+            reason: "tracking was lost".into(),
+            created_unix_ms: 1_700_000_000_000,
+        })
+        .expect("request");
+    write(&seeds, "decode_resync_request", "request.bin", &request.bytes);
+
+    // --- plaintexts for decode_sealed_payload (byte 0: kind % 5, seq / 5) ---
     let with_selector = |sel: u8, plaintext: Vec<u8>| [vec![sel], plaintext].concat();
     let open = |bytes: &[u8]| {
         sealer
             .open(bytes)
             .expect("sealer opens a golden-session object")
     };
-    // golden blob is seq 0 and compressed; the raw blob is seq 1 (selector 3)
+    // golden blob is seq 0 and compressed; the raw blob is seq 1 (selector 5)
     write(
         &seeds,
         "decode_sealed_payload",
@@ -143,13 +165,13 @@ fn main() {
         &seeds,
         "decode_sealed_payload",
         "blob_raw_seq1.bin",
-        &with_selector(3, open(&raw.bytes)),
+        &with_selector(5, open(&raw.bytes)),
     );
     write(
         &seeds,
         "decode_sealed_payload",
         "blob_zero_seq2.bin",
-        &with_selector(6, open(&zero.bytes)),
+        &with_selector(10, open(&zero.bytes)),
     );
     write(
         &seeds,
@@ -162,6 +184,18 @@ fn main() {
         "decode_sealed_payload",
         "ack.bin",
         &with_selector(2, open(&ack_v1)),
+    );
+    write(
+        &seeds,
+        "decode_sealed_payload",
+        "catalog.bin",
+        &with_selector(3, open(&catalog.bytes)),
+    );
+    write(
+        &seeds,
+        "decode_sealed_payload",
+        "resync_request.bin",
+        &with_selector(4, open(&request.bytes)),
     );
     assert_eq!(
         sealer.seal(ObjectKind::Blob, 0, &open(&blob_v1)),

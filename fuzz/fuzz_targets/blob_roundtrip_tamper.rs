@@ -23,7 +23,7 @@ use libfuzzer_sys::fuzz_target;
 use replicator_core::format::{
     Ack, AckStatus, BlobExtent, EncodedObject, Expect, ExtentKind, FormatError,
     MAX_ACK_MESSAGE_BYTES, Manifest, ManifestBlob, ObjectHeader, ObjectKind, SECTOR_SIZE, Session,
-    decode_ack, decode_blob, decode_manifest, peek_header,
+    decode_ack, decode_catalog, decode_resync_request, decode_blob, decode_manifest, peek_header,
 };
 use replicator_core::keys::{DiskId, DiskKey, MasterKey};
 use replicator_fuzz::{Tamper, apply_tamper, noise};
@@ -92,6 +92,8 @@ enum Value {
     },
     Manifest(Manifest),
     Ack(Ack),
+    /// A kind this target never builds.
+    Other,
 }
 
 fn decode(
@@ -119,6 +121,10 @@ fn decode(
             decode_manifest(key, bytes, expect).map(|(h, m)| (h, Value::Manifest(m)))
         }
         ObjectKind::Ack => decode_ack(key, bytes, expect).map(|(h, a)| (h, Value::Ack(a))),
+        ObjectKind::Catalog => decode_catalog(key, bytes, expect).map(|(h, _)| (h, Value::Other)),
+        ObjectKind::ResyncRequest => {
+            decode_resync_request(key, bytes, expect).map(|(h, _)| (h, Value::Other))
+        }
     }
 }
 
@@ -226,6 +232,8 @@ fn encode(session: &Session, object: Object) -> Option<(ObjectKind, u32, Value, 
                 },
                 sectors_written,
                 message,
+                // Acks with and without the target's generation.
+                target_generation: (sectors_written % 2 == 1).then_some([sectors_written as u8; 16]),
             };
             let result = session.encode_ack(&a);
             if a.message.len() > MAX_ACK_MESSAGE_BYTES as usize {

@@ -4,8 +4,8 @@
 //! the payload parsers behind AES-GCM (extent records, zstd bodies, manifest
 //! records, ack messages).
 //!
-//! Input: byte 0 picks the kind (`% 3`: blob, manifest, ack) and, for a blob,
-//! the seq (`/ 3`); the rest is the plaintext.
+//! Input: byte 0 picks the kind (`% 5`: blob, manifest, ack, catalog, resync
+//! request) and, for a blob, the seq (`/ 5`); the rest is the plaintext.
 //!
 //! Must hold: never panics; whatever decodes is self-consistent and its
 //! re-encoding by `Session` is the sealed object again (manifest, ack, and
@@ -16,7 +16,7 @@
 use libfuzzer_sys::fuzz_target;
 use replicator_core::format::{
     Ack, AckStatus, BlobExtent, Expect, ExtentKind, Manifest, ManifestBlob, ObjectKind,
-    SECTOR_SIZE, Session, TAG_LEN, decode_ack, decode_blob, decode_manifest,
+    SECTOR_SIZE, Session, TAG_LEN, decode_ack, decode_blob, decode_catalog, decode_manifest, decode_resync_request,
 };
 use replicator_fuzz::{
     GOLDEN_ATTEMPT, GOLDEN_CYCLE, GOLDEN_SALT, Sealer, golden_disk, golden_disk_key, golden_expect,
@@ -48,6 +48,7 @@ fn check_sealer_matches_session() {
         status: AckStatus::Failed,
         sectors_written: 99,
         message: "disk full".into(),
+        target_generation: None,
     };
     let mut p = vec![1u8];
     p.extend_from_slice(&99u64.to_le_bytes());
@@ -128,8 +129,14 @@ fuzz_target!(
     init: check_sealer_matches_session(),
     |data: &[u8]| {
         let Some((&sel, plaintext)) = data.split_first() else { return };
-        let kind = [ObjectKind::Blob, ObjectKind::Manifest, ObjectKind::Ack][usize::from(sel % 3)];
-        let seq = if kind == ObjectKind::Blob { u32::from(sel / 3) } else { 0 };
+        let kind = [
+            ObjectKind::Blob,
+            ObjectKind::Manifest,
+            ObjectKind::Ack,
+            ObjectKind::Catalog,
+            ObjectKind::ResyncRequest,
+        ][usize::from(sel % 5)];
+        let seq = if kind == ObjectKind::Blob { u32::from(sel / 5) } else { 0 };
         let sealed = Sealer::golden().seal(kind, seq, plaintext);
         let mut tag = [0u8; TAG_LEN];
         tag.copy_from_slice(&sealed[sealed.len() - TAG_LEN..]);
@@ -186,6 +193,34 @@ fuzz_target!(
                 };
                 let again = session().encode_ack(&a).expect("a decoded ack re-encodes");
                 assert_eq!(&again.bytes[..], &sealed[..], "ack encoding is not canonical");
+            }
+            ObjectKind::Catalog => {
+                let (_, c) = match decode_catalog(key, &sealed, &expect) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let _ = e.to_string();
+                        return;
+                    }
+                };
+                assert_eq!(c.digests.len() as u64, c.disk_bytes.div_ceil(u64::from(c.block_bytes)));
+                let again = session().encode_catalog(&c).expect("a decoded catalog re-encodes");
+                let (_, back) = decode_catalog(key, &again.bytes, &golden_expect())
+                    .expect("a re-encoded catalog decodes");
+                assert_eq!(back, c);
+            }
+            ObjectKind::ResyncRequest => {
+                let (_, q) = match decode_resync_request(key, &sealed, &expect) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let _ = e.to_string();
+                        return;
+                    }
+                };
+                let again =
+                    session().encode_resync_request(&q).expect("a decoded request re-encodes");
+                if !q.reason.contains('\u{FFFD}') {
+                    assert_eq!(&again.bytes[..], &sealed[..], "request encoding is not canonical");
+                }
             }
         }
     }
