@@ -1,8 +1,9 @@
 //! Change trackers: what tells a cycle which sectors of the source changed, and serves the cycle
 //! the frozen sectors' contents.
 //!
-//! Every tracker implements [`ChangeTracker`], and every one passes the same model-based suite
-//! (`tests/tracker_conformance.rs`). The kinds:
+//! Every tracker implements [`ChangeTracker`], and every one passes the same model-based suite,
+//! [`conformance`] (run by `tests/tracker_conformance.rs`; public so that trackers outside this
+//! crate, like the harness's kernel tracker, run it too). The kinds:
 //!
 //! - [`cbt::CbtTracker`]: a [`BlockDevice`](crate::device::BlockDevice) wrapper that marks each
 //!   write passing through it (VMware CBT style), with copy-on-write for point-in-time frozen
@@ -38,6 +39,7 @@ use crate::bitmap::SectorBitmap;
 use crate::error::{Error, Result};
 
 pub mod cbt;
+pub mod conformance;
 
 pub use cbt::{CbtTracker, OpenReport, TrackerConfig};
 
