@@ -1,6 +1,7 @@
 //! Every tracker against the shared conformance suite (`tracker::conformance`), for many seeds:
-//! CBT in memory and persistent. Then trackers broken on purpose, to show the suite fails them and
-//! names the seed, the step and the sector.
+//! CBT in memory and persistent, HRL under its log limit (point in time for written sectors) and
+//! overflowing a tiny one (live reads). Then trackers broken on purpose, to show the suite fails
+//! them and names the seed, the step and the sector.
 
 // Helpers panic on what the tests set up themselves, as the tests do (clippy.toml).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -10,11 +11,13 @@ use std::sync::{Arc, Mutex};
 
 use replicator_core::bitmap::SectorBitmap;
 use replicator_core::device::{BlockDevice, MemDevice};
-use replicator_core::error::Result;
+use replicator_core::error::{Error, Result};
 use replicator_core::tracker::conformance::{
     Capabilities, ConformanceFailure, FrozenReads, TrackerFixture, run,
 };
-use replicator_core::tracker::{CbtTracker, ChangeTracker, Frozen, Generation, TrackerConfig};
+use replicator_core::tracker::{
+    CbtTracker, ChangeTracker, Frozen, Generation, HrlConfig, HrlTracker, LogLimit, TrackerConfig,
+};
 
 const DISK_BYTES: u64 = 1 << 20;
 const OPS: usize = 200;
@@ -120,6 +123,44 @@ fn cbt_persistent() -> Fixture<CbtTracker<Arc<MemDevice>>> {
     )
 }
 
+fn hrl(cfg: HrlConfig, frozen_reads: FrozenReads) -> Fixture<HrlTracker<Arc<MemDevice>>> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk.hrl");
+    Fixture::new(
+        Some(dir),
+        Capabilities {
+            frozen_reads,
+            restarts: true,
+            exact_after_crash: true,
+            lost_after_crash: false,
+        },
+        move |dev| Ok(HrlTracker::open(dev, &path, cfg)?.0),
+    )
+}
+
+/// HRL with room to log everything: written sectors are point in time.
+fn hrl_roomy() -> Fixture<HrlTracker<Arc<MemDevice>>> {
+    hrl(
+        HrlConfig {
+            log_limit: LogLimit::Bytes(1 << 30),
+            ..HrlConfig::default()
+        },
+        FrozenReads::PointInTimeForWrites,
+    )
+}
+
+/// HRL whose log overflows all the time (and folds its mark records often): reads may be live.
+fn hrl_overflowing() -> Fixture<HrlTracker<Arc<MemDevice>>> {
+    hrl(
+        HrlConfig {
+            log_limit: LogLimit::Bytes(24 << 10),
+            index_entries_max: 16,
+            overflow_marks_max: 3,
+        },
+        FrozenReads::Live,
+    )
+}
+
 fn seeds(
     count: u64,
     make: impl Fn() -> Box<dyn TrackerFixture>,
@@ -139,6 +180,25 @@ fn cbt_in_memory_conforms() -> std::result::Result<(), ConformanceFailure> {
 #[test]
 fn cbt_persistent_conforms() -> std::result::Result<(), ConformanceFailure> {
     seeds(32, || Box::new(cbt_persistent()))
+}
+
+#[test]
+fn hrl_conforms() -> std::result::Result<(), ConformanceFailure> {
+    seeds(32, || Box::new(hrl_roomy()))
+}
+
+#[test]
+fn hrl_conforms_while_overflowing() -> std::result::Result<(), ConformanceFailure> {
+    seeds(32, || Box::new(hrl_overflowing()))
+}
+
+#[test]
+fn the_default_hrl_config_conforms_as_a_live_reader() -> std::result::Result<(), ConformanceFailure>
+{
+    // Half of a 1 MiB disk: some seeds overflow, some do not.
+    seeds(16, || {
+        Box::new(hrl(HrlConfig::default(), FrozenReads::Live))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -332,6 +392,52 @@ fn the_suite_fails_a_point_in_time_tracker_that_reads_live() {
 fn the_suite_fails_a_tracker_that_keeps_committed_marks() {
     let f = first_failure(Bug::KeepsCommittedMarks);
     assert_names(&f, &["marks sector", "wrong epoch"]);
+}
+
+/// A persistent HRL whose "crash" damages its state file: it then reports lost tracking, which
+/// the suite refuses for a tracker that does not lose tracking on a crash.
+#[test]
+fn the_suite_fails_a_tracker_that_loses_tracking_on_a_crash() {
+    struct Damaging(Fixture<HrlTracker<Arc<MemDevice>>>, std::path::PathBuf);
+    impl TrackerFixture for Damaging {
+        fn tracker(&self) -> Arc<dyn ChangeTracker> {
+            self.0.tracker()
+        }
+        fn write(&mut self, offset_bytes: u64, data: &[u8]) -> Result<()> {
+            self.0.write(offset_bytes, data)
+        }
+        fn restart_clean(&mut self) -> Result<()> {
+            self.0.restart_clean()
+        }
+        fn crash_restart(&mut self) -> Result<()> {
+            let mut bytes =
+                std::fs::read(&self.1).map_err(|e| Error::InvalidInput(e.to_string()))?;
+            bytes[20] ^= 0xFF;
+            std::fs::write(&self.1, bytes).map_err(|e| Error::InvalidInput(e.to_string()))?;
+            self.0.crash_restart()
+        }
+        fn read_device(&self, buf: &mut [u8], offset_bytes: u64) -> Result<()> {
+            self.0.read_device(buf, offset_bytes)
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.0.capabilities()
+        }
+    }
+    let mut failure = None;
+    for seed in 0..20 {
+        let fx = hrl_roomy();
+        let state = fx.live().dir().join("hrl.state");
+        if let Err(f) = run(&mut Damaging(fx, state), seed, OPS) {
+            failure = Some(f);
+            break;
+        }
+    }
+    let f = failure.expect("the suite passed a tracker that lost tracking");
+    // The new state has a new generation, or the lost report comes first.
+    assert!(
+        f.detail.contains("generation changed") || f.detail.contains("lost tracking"),
+        "{f}"
+    );
 }
 
 #[test]
