@@ -18,6 +18,10 @@ use replicator_core::format::{
     decode_ack, decode_blob, decode_manifest,
 };
 use replicator_core::keys::MasterKey;
+use replicator_core::tracker::Generation;
+use replicator_core::tracker::hrl::{
+    SegmentHeader, encode_data_record, encode_mark_record, encode_segment_header,
+};
 use replicator_fuzz::{
     GOLDEN_ATTEMPT, GOLDEN_CYCLE, GOLDEN_SALT, Sealer, golden_disk, golden_disk_key, golden_expect,
     golden_master_bytes, noise,
@@ -222,6 +226,26 @@ fn main() {
         sparse.mark_sectors(s, 1).expect("mark");
     }
     write(&seeds, "decode_bitmap", "sparse.bin", &sparse.encode());
+
+    // --- HRL write-log segments ----------------------------------------------
+    let header = encode_segment_header(&SegmentHeader {
+        generation: Generation([0x42; 16]),
+        epoch: 3,
+    });
+    let mut seg = header.to_vec();
+    write(&seeds, "decode_hrl_log", "header_only.bin", &seg);
+    encode_data_record(&mut seg, 3, 4096, &noise(2 * 512, 21));
+    encode_mark_record(&mut seg, 3, 0, 64 * 512);
+    encode_data_record(&mut seg, 3, 1 << 19, &noise(512, 22));
+    write(&seeds, "decode_hrl_log", "three_records.bin", &seg);
+    let mut torn = seg[..seg.len() - 100].to_vec();
+    write(&seeds, "decode_hrl_log", "torn_data.bin", &torn);
+    torn.truncate(header.len() + 20);
+    write(&seeds, "decode_hrl_log", "torn_header.bin", &torn);
+    let mut garbage = seg.clone();
+    garbage.extend_from_slice(b"HRLR");
+    garbage.extend_from_slice(&noise(60, 23));
+    write(&seeds, "decode_hrl_log", "garbage_tail.bin", &garbage);
 
     // --- key files and disk ids ---------------------------------------------
     let master = MasterKey::from_bytes(golden_master_bytes());

@@ -37,6 +37,7 @@ use crate::bitmap::{Extent, SECTOR_SIZE, SectorBitmap};
 use crate::device::{BlockDevice, DeviceError, DeviceOp, check_range};
 use crate::error::{Error, Result};
 use crate::state::write_atomic;
+pub use crate::tracker::OpenReport;
 use crate::tracker::{ChangeTracker, Frozen, GENERATION_LEN, Generation};
 
 const CKPT_MAGIC_V1: &[u8; 8] = b"RPLTRCK1";
@@ -70,19 +71,6 @@ impl Default for TrackerConfig {
             al_records_max: 4096,
         }
     }
-}
-
-/// Recovery facts from opening a tracker.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct OpenReport {
-    /// The previous run stopped without a checkpoint (a crash).
-    pub unclean: bool,
-    /// Activity-log regions marked whole because of it.
-    pub regions_recovered: u64,
-    /// A frozen epoch that never committed was merged back.
-    pub frozen_merged: bool,
-    /// The tracker cannot vouch for its marks (why): the next cycle compares checksums.
-    pub lost: Option<String>,
 }
 
 #[derive(Debug)]

@@ -1,13 +1,16 @@
 //! Change trackers: what tells a cycle which sectors of the source changed, and serves the cycle
 //! the frozen sectors' contents.
 //!
-//! Every tracker implements [`ChangeTracker`], and every one passes the same model-based suite
-//! (`tests/tracker_conformance.rs`). The kinds:
+//! Every tracker implements [`ChangeTracker`], and every one passes the same model-based suite,
+//! [`conformance`] (run by `tests/tracker_conformance.rs`; public so that trackers outside this
+//! crate, like the harness's kernel tracker, run it too). The kinds:
 //!
 //! - [`cbt::CbtTracker`]: a [`BlockDevice`](crate::device::BlockDevice) wrapper that marks each
 //!   write passing through it (VMware CBT style), with copy-on-write for point-in-time frozen
 //!   reads and an activity log for crash recovery.
-//! - `hrl`: a write log next to the disk (Hyper-V Replica style); the cycle ships the logged data.
+//! - [`hrl::HrlTracker`]: a write log next to the disk (Hyper-V Replica style): every write is
+//!   logged (offset, length, data, CRC) before it reaches the device, and the cycle ships the
+//!   logged data, point in time without copy-on-write.
 //! - The kernel tracker lives in the harness (only the harness knows Linux devices): it follows
 //!   the kernel's block tracepoints for writes by any process.
 //!
@@ -38,8 +41,32 @@ use crate::bitmap::SectorBitmap;
 use crate::error::{Error, Result};
 
 pub mod cbt;
+pub mod conformance;
+pub mod hrl;
 
-pub use cbt::{CbtTracker, OpenReport, TrackerConfig};
+pub use cbt::{CbtTracker, TrackerConfig};
+pub use hrl::{HrlConfig, HrlTracker, LogLimit};
+
+/// Recovery facts from opening a persistent tracker.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// The previous run stopped without a clean stop (a crash).
+    pub unclean: bool,
+    /// CBT: activity-log regions marked whole because of it.
+    pub regions_recovered: u64,
+    /// A frozen epoch that never committed was merged back.
+    pub frozen_merged: bool,
+    /// The tracker cannot vouch for its marks (why): the next cycle compares checksums.
+    pub lost: Option<String>,
+    /// HRL: log segments whose torn or damaged tail was cut off (the first record failing its
+    /// checksum or structure ends a segment).
+    pub log_tails_cut: u64,
+    /// HRL: bytes cut off those tails.
+    pub log_bytes_cut: u64,
+    /// HRL: logged writes applied to the device again after an unclean stop, so that the device
+    /// holds what the log says.
+    pub records_redone: u64,
+}
 
 /// Bytes of a [`Generation`].
 pub const GENERATION_LEN: usize = 16;
