@@ -12,21 +12,20 @@ use replicator_core::device::{BlockDevice, FileDevice};
 use replicator_core::gc::{GcPolicy, plan_gc, run_gc};
 use replicator_core::keys::{DiskId, KeyError, MasterKey};
 use replicator_core::schedule::{Next, SchedulePolicy, Scheduler};
-use replicator_core::source::{ShipConfig, ShipOutcome, ShipReport, Source, ship_cycle};
+use replicator_core::source::{ShipConfig, ShipOutcome, ShipReport, ship_cycle};
 use replicator_core::state::{
     SOURCE_FILE, SourceState, StateDir, TARGET_FILE, TargetState, read_json_file,
 };
 use replicator_core::target::{
     HydrateConfig, HydrateReport, Target, discover_disks, hydrate as hydrate_cycles,
 };
-use replicator_core::tracker::{ChangeTracker, TrackerConfig};
 use replicator_core::verify::verify_devices;
 use replicator_sink::Sink;
 
 use crate::bars::Bars;
 use crate::sinks::SinkArgs;
 use crate::table;
-use crate::trackers::{TrackerArgs, open_source};
+use crate::trackers::{TrackerArgs, TrackerKind, WriterTrackerArgs, open_source, open_writable};
 use crate::workload::{Pattern, run_pattern};
 
 /// A usage or input problem: exit code 2.
@@ -557,6 +556,8 @@ pub struct WriteArgs {
     /// The source side's state directory (the tracker lives there).
     #[arg(long)]
     state: PathBuf,
+    #[command(flatten)]
+    tracker: WriterTrackerArgs,
     /// The write pattern.
     #[arg(long, value_enum, default_value_t = Pattern::Innodb)]
     pattern: Pattern,
@@ -602,31 +603,47 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// `harness write`.
 pub fn write(args: WriteArgs) -> Result<ExitCode> {
     let known: Option<SourceState> = read_json_file(&args.state.join(SOURCE_FILE))?;
+    let chosen = args.tracker.tracker;
+    let chosen_name = match chosen {
+        TrackerKind::Cbt => "cbt",
+        TrackerKind::Hrl => "hrl",
+        TrackerKind::Kernel => "kernel",
+    };
     if let Some(kind) = known.and_then(|s| s.tracker_kind)
-        && kind != "cbt"
+        && kind != chosen_name
     {
+        let hint = if kind == "kernel" {
+            format!(
+                "the kernel tracker sees writes made by any program: write to {} directly",
+                args.source.display()
+            )
+        } else {
+            format!("pass --tracker {kind} (and the --tracker-state given to ship, if any)")
+        };
         return Err(usage(format!(
-            "{} is shipped with the {kind} tracker, which sees writes made by any program: write \
-             to {} directly (`harness write` writes through the cbt tracker, whose state would \
-             replace it)",
+            "{} is shipped with the {kind} tracker, not {chosen_name}: {hint}; writing through \
+             another tracker would replace its state",
             args.state.display(),
-            args.source.display()
         )));
     }
-    let device = open_device(&args.source, "source")?;
-    let (source, _) = Source::open(&args.state, device, TrackerConfig::default())?;
+    let ((source, _), writer) = open_writable(
+        chosen,
+        args.tracker.tracker_state.as_deref(),
+        &args.state,
+        &args.source,
+    )?;
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let mut cursor = 0;
     let tracker = source.tracker();
     let writes = run_pattern(
-        tracker.as_ref(),
+        writer.as_ref(),
         args.pattern,
         args.bytes,
         &mut rng,
         &mut cursor,
     )
     .with_context(|| format!("writing to {}", args.source.display()))?;
-    tracker.flush()?;
+    writer.flush()?;
     tracker.checkpoint()?;
     println!(
         "wrote {} in {writes} {} writes; {} now marked for the next cycle",

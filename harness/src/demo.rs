@@ -15,7 +15,7 @@ use replicator_core::progress::Progress;
 use replicator_core::schedule::SchedulePolicy;
 use replicator_core::source::{ShipConfig, ShipOutcome, Source, ship_cycle};
 use replicator_core::target::{HydrateConfig, Target, hydrate};
-use replicator_core::tracker::{CbtTracker, ChangeTracker, TrackerConfig};
+use replicator_core::tracker::ChangeTracker;
 use replicator_core::verify::verify_devices;
 use replicator_sink::Sink;
 use replicator_sink::wrap::RetryPolicy;
@@ -25,7 +25,7 @@ use crate::commands::{Failed, UsageError, parse_size};
 use crate::ktrack::{DaemonConfig, KernelTracker, RunningDaemon, daemon};
 use crate::loopdev::LoopDevice;
 use crate::table::{self, Row};
-use crate::trackers::{AnySource, TrackerKind};
+use crate::trackers::{AnySource, TrackerKind, open_writable};
 use crate::workload::{Pattern, fill_image, run_pattern};
 
 /// Arguments of `harness demo`.
@@ -112,23 +112,12 @@ struct DemoSource {
 fn open_demo_source(kind: TrackerKind, dir: &Path, disk: &Path) -> Result<DemoSource> {
     let state = dir.join("source-state");
     match kind {
-        TrackerKind::Cbt => {
+        TrackerKind::Cbt | TrackerKind::Hrl => {
             // Writes go through the tracker, which is also a block device.
-            let mut cbt = None;
-            let (source, _) = Source::open_with(&state, |tracker_dir| {
-                let (t, r) = CbtTracker::open(
-                    FileDevice::open(disk)?,
-                    tracker_dir,
-                    TrackerConfig::default(),
-                )?;
-                let t = Arc::new(t);
-                cbt = Some(Arc::clone(&t));
-                Ok((t as Arc<dyn ChangeTracker>, r))
-            })?;
-            let cbt = cbt.context("the tracker was not opened")?;
+            let ((source, _), writer) = open_writable(kind, None, &state, disk)?;
             Ok(DemoSource {
                 source,
-                writer: cbt,
+                writer,
                 reader: Arc::new(FileDevice::open_read_only(disk)?),
                 _daemon: None,
             })
@@ -217,6 +206,8 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         source.tracker().kind(),
         match args.tracker {
             TrackerKind::Cbt => "the demo's writes pass through it",
+            TrackerKind::Hrl =>
+                "the demo's writes are logged with their data, then shipped from the log",
             TrackerKind::Kernel => "the kernel's block events for the source device",
         }
     );

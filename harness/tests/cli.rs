@@ -614,3 +614,94 @@ fn ship_resync_repairs_a_target_written_outside_replication() -> anyhow::Result<
     ok(&["verify", "--source", &s(&src), "--target", &s(&tgt)])?;
     Ok(())
 }
+
+#[test]
+fn the_hrl_tracker_ships_logged_writes_from_separate_processes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let (src, tgt, key, cache, sst, tst, log) = (
+        d.join("src.img"),
+        d.join("tgt.img"),
+        d.join("key"),
+        d.join("cache"),
+        d.join("src-state"),
+        d.join("tgt-state"),
+        d.join("src.img.hrl"),
+    );
+    for img in [&src, &tgt] {
+        std::fs::File::create(img)?.set_len(8 << 20)?;
+    }
+    ok(&["keygen", "--out", &s(&key)])?;
+    let write = |seed: &str, tracker: &str| {
+        code(&[
+            "write",
+            "--source",
+            &s(&src),
+            "--state",
+            &s(&sst),
+            "--pattern",
+            "postgres",
+            "--bytes",
+            "512K",
+            "--seed",
+            seed,
+            "--tracker",
+            tracker,
+            "--tracker-state",
+            &s(&log),
+        ])
+    };
+    let ship = || {
+        ok(&[
+            "ship",
+            "--source",
+            &s(&src),
+            "--sink",
+            &s(&cache),
+            "--state",
+            &s(&sst),
+            "--key-file",
+            &s(&key),
+            "--tracker",
+            "hrl",
+            "--tracker-state",
+            &s(&log),
+        ])
+    };
+    let hydrate = || {
+        ok(&[
+            "hydrate",
+            "--target",
+            &s(&tgt),
+            "--sink",
+            &s(&cache),
+            "--state",
+            &s(&tst),
+            "--key-file",
+            &s(&key),
+        ])
+    };
+    let out = ship()?;
+    assert!(out.contains("shipped cycle 1 (initial"), "{out}");
+    hydrate()?;
+    for seed in ["1", "2"] {
+        let (c, out) = write(seed, "hrl")?;
+        assert_eq!(c, 0, "{out}");
+        // The log next to the disk holds the writes' data until the target acknowledges them.
+        let logged: u64 = std::fs::read_dir(&log)?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".hrl"))
+            .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+            .sum();
+        assert!(logged >= 512 << 10, "{logged} bytes logged");
+        let out = ship()?;
+        assert!(out.contains("(delta"), "{out}");
+        hydrate()?;
+        ok(&["verify", "--source", &s(&src), "--target", &s(&tgt)])?;
+    }
+    // Writing through another tracker than the one the disk is shipped with is refused.
+    let (c, out) = write("3", "cbt")?;
+    assert_eq!(c, 2, "{out}");
+    assert!(out.contains("shipped with the hrl tracker"), "{out}");
+    Ok(())
+}
