@@ -347,16 +347,14 @@ impl Shared {
                 Ok((Reply::Info(self.info()), Vec::new()))
             }
             Request::Current => {
-                let bytes = self.drained(false, |m| {
-                    Ok(if m.lost.is_some() {
-                        SectorBitmap::full(m.current.disk_sectors()).encode()
-                    } else {
-                        m.current.encode()
-                    })
-                })?;
+                // The current epoch's own marks; while tracking is lost, the next freeze reports
+                // the whole disk whatever they are.
+                let bytes = self.drained(false, |m| Ok(m.current.encode()))?;
                 Ok((Reply::Bitmap, bytes))
             }
             Request::Freeze => {
+                // A freeze refused because an epoch is frozen already must leave that epoch be.
+                let frozen_before = lock(&self.marks).frozen.is_some();
                 let result = self.drained(true, |m| {
                     let (epoch, lost, bitmap) = m.freeze(conn)?;
                     Ok((epoch, lost, bitmap.encode(), bitmap.count()))
@@ -377,7 +375,7 @@ impl Shared {
                     Err(e) => {
                         // Frozen but not persisted: put the marks back rather than strand them.
                         let mut m = lock(&self.marks);
-                        if m.frozen.as_ref().is_some_and(|f| f.owner == conn) {
+                        if !frozen_before && m.frozen.as_ref().is_some_and(|f| f.owner == conn) {
                             release_marks(&mut m, conn, false).ok();
                         }
                         Err(e)
@@ -652,6 +650,8 @@ pub struct RunningDaemon {
     housekeeper: Option<JoinHandle<()>>,
     acceptor: Option<JoinHandle<()>>,
     stopped: bool,
+    /// Stop without the final checkpoint, as a crash would (tests).
+    crash: bool,
     _dir_lock: File,
     _dev_lock: File,
 }
@@ -748,6 +748,7 @@ pub fn start(cfg: &DaemonConfig) -> Result<RunningDaemon> {
         housekeeper: None,
         acceptor: None,
         stopped: false,
+        crash: false,
         _dir_lock: dir_lock,
         _dev_lock: dev_lock,
     };
@@ -814,6 +815,14 @@ impl RunningDaemon {
         self.shutdown()
     }
 
+    /// Stops like a crash: no final checkpoint, so the state stays as last persisted, marked as
+    /// not cleanly stopped (the conformance suite's crash restarts).
+    #[cfg(test)]
+    pub fn crash(mut self) -> Result<()> {
+        self.crash = true;
+        self.shutdown()
+    }
+
     fn shutdown(&mut self) -> Result<()> {
         if self.stopped {
             return Ok(());
@@ -837,7 +846,11 @@ impl RunningDaemon {
                 let _ = h.join();
             }
         }
-        let checkpoint = shared.final_checkpoint();
+        let checkpoint = if self.crash {
+            Ok(())
+        } else {
+            shared.final_checkpoint()
+        };
         // Stop the reader after a marker it will consume.
         let stop = shared.next_marker.fetch_add(1, Ordering::SeqCst);
         shared.stop_marker.store(stop, Ordering::SeqCst);

@@ -17,6 +17,9 @@ mod recovery;
 pub mod state;
 pub mod tracefs;
 
+#[cfg(test)]
+mod conformance_tests;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
