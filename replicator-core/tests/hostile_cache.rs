@@ -1742,3 +1742,127 @@ async fn a_failure_report_whose_put_failed_is_put_again() -> anyhow::Result<()> 
     assert!(w.identical());
     Ok(())
 }
+// ---------------------------------------------------------------------------------------------
+// A documented limit: cycles too large to stage
+// ---------------------------------------------------------------------------------------------
+
+/// A cache that serves `victim` genuinely the first time and damaged from then on: a blob that
+/// changes between verification and writing.
+#[derive(Debug)]
+struct ChangesAfterFirstRead {
+    inner: Arc<dyn Sink>,
+    victim: String,
+    reads: Mutex<u32>,
+}
+
+#[async_trait::async_trait]
+impl Sink for ChangesAfterFirstRead {
+    async fn put(
+        &self,
+        key: &str,
+        data: Bytes,
+        mode: replicator_sink::PutMode,
+    ) -> Result<(), replicator_sink::SinkError> {
+        self.inner.put(key, data, mode).await
+    }
+    async fn get(&self, key: &str) -> Result<Bytes, replicator_sink::SinkError> {
+        let bytes = self.inner.get(key).await?;
+        if key != self.victim {
+            return Ok(bytes);
+        }
+        let mut reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+        *reads += 1;
+        if *reads == 1 {
+            return Ok(bytes);
+        }
+        let mut damaged = bytes.to_vec();
+        damaged[HEADER_LEN] ^= 0x01;
+        Ok(Bytes::from(damaged))
+    }
+    async fn list(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<replicator_sink::ObjectMeta>, replicator_sink::SinkError> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), replicator_sink::SinkError> {
+        self.inner.delete(key).await
+    }
+    fn describe(&self) -> String {
+        format!("changes {} after its first read", self.victim)
+    }
+}
+
+/// A cycle larger than `staging_bytes_max` is fetched again for writing, so a cache that changes
+/// a blob between the two reads is caught only after the blobs before it were written: the
+/// target is then a mix (marked by `applying_cycle`), but every byte written is a verified one,
+/// the committed cycle does not move, and the next cycle heals it.
+#[tokio::test]
+async fn an_unstaged_cycle_changed_after_verification_writes_only_verified_bytes_and_heals()
+-> anyhow::Result<()> {
+    let mut w = common::World::new(23)?;
+    w.ship().await?;
+    w.hydrate().await?;
+    w.churn(60)?;
+    let shipped = w.ship().await?;
+    let blobs = w.blob_keys(shipped.cycle).await?;
+    assert!(blobs.len() >= 3, "want several blobs, got {}", blobs.len());
+    let victim = blobs[blobs.len() - 1].clone();
+    let sink = ChangesAfterFirstRead {
+        inner: Arc::clone(&w.sink) as Arc<dyn Sink>,
+        victim: victim.clone(),
+        reads: Mutex::new(0),
+    };
+    let before = w.tgt_disk.snapshot();
+    let cfg = HydrateConfig {
+        staging_bytes_max: 0,
+        ..HydrateConfig::default()
+    };
+    let target = w
+        .target
+        .as_mut()
+        .ok_or_else(|| anyhow::anyhow!("no target"))?;
+    let r = hydrate(target, &sink, &w.key, &w.clock, &cfg, &NoProgress).await?;
+    let failed = r
+        .failed
+        .ok_or_else(|| anyhow::anyhow!("a blob changed after verification was written"))?;
+    assert_eq!(failed.cycle, shipped.cycle);
+    assert!(
+        failed.error.to_string().contains(&victim),
+        "{}",
+        failed.error
+    );
+    assert_eq!(target.state().committed_cycle, shipped.cycle - 1);
+    assert_eq!(
+        target.state().applying_cycle,
+        Some(shipped.cycle),
+        "the target knows it holds a mix of two cycles"
+    );
+    // Nothing was written since the ship, so the cycle's verified bytes are the source's.
+    let (src, tgt) = (w.src_disk.snapshot(), w.tgt_disk.snapshot());
+    let foreign = tgt
+        .chunks(512)
+        .zip(src.chunks(512).zip(before.chunks(512)))
+        .filter(|(t, (s, b))| t != s && t != b)
+        .count();
+    assert_eq!(
+        foreign, 0,
+        "sectors hold bytes that are neither old nor verified"
+    );
+    assert!(
+        tgt != before,
+        "the blobs before the changed one were written"
+    );
+
+    w.churn(3)?;
+    let healed = w.ship().await?;
+    assert_eq!(healed.carried_from_failed, vec![shipped.cycle]);
+    let r = w.hydrate().await?;
+    assert_eq!(r.committed_cycle, healed.cycle, "{:?}", r.failed);
+    assert_eq!(
+        w.target.as_ref().and_then(|t| t.state().applying_cycle),
+        None
+    );
+    assert!(w.identical());
+    Ok(())
+}
