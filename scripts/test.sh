@@ -81,7 +81,17 @@ step "lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "tests"
-cargo nextest run --workspace --locked --no-fail-fast --profile ci
+# nextest captures test output: the hostile cache table (replicator-core/tests/hostile_cache.rs)
+# is written to a file and shown here, also when a test failed.
+hostile_table="${CARGO_TARGET_DIR:-target}/hostile-cache-table.md"
+rm -f "$hostile_table"
+tests_status=0
+cargo nextest run --workspace --locked --no-fail-fast --profile ci || tests_status=$?
+if [[ -f "$hostile_table" ]]; then
+    step "hostile cache table: every manipulation of the cache, caught before the target"
+    cat "$hostile_table"
+fi
+((tests_status == 0)) || die "tests failed (see above)"
 cargo test --workspace --doc --locked
 
 if ((quick == 0)); then

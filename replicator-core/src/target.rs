@@ -318,6 +318,21 @@ pub async fn hydrate<D: BlockDevice>(
     let mut stuck_bases: Vec<u64> = Vec::new();
     for (cycle, decoded) in found {
         if t.state.failed_cycles.contains(&cycle) {
+            // The source waits for this cycle's failure report, and a failed cycle is never
+            // tried again: a report whose put failed, or that the cache lost or damaged, is put
+            // again, or the two sides would wait for each other forever.
+            if !failure_reported(sink, &disk_key, &disk, cycle).await? {
+                put_ack(
+                    t,
+                    sink,
+                    &disk_key,
+                    cycle,
+                    AckStatus::Failed,
+                    0,
+                    "failed here earlier; its first failure report is missing from the cache",
+                )
+                .await?;
+            }
             continue;
         }
         let (attempt, manifest) = match decoded {
@@ -533,6 +548,31 @@ async fn put_ack<D: BlockDevice>(
     })?;
     sink.put(&key, obj.bytes, PutMode::Overwrite).await?;
     Ok(())
+}
+
+/// Whether the cache holds an authentic failure report of `cycle`.
+async fn failure_reported(
+    sink: &dyn Sink,
+    disk_key: &DiskKey,
+    disk: &DiskId,
+    cycle: u64,
+) -> Result<bool> {
+    let bytes = match sink.get(&layout::ack_key(disk, cycle)).await {
+        Ok(bytes) => bytes,
+        Err(e) if e.is_not_found() => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    let expect = Expect {
+        disk_id: *disk,
+        cycle,
+        attempt: None,
+        seq: None,
+        tag: None,
+    };
+    Ok(matches!(
+        format::decode_ack(disk_key, &bytes, &expect),
+        Ok((_, ack)) if ack.status == AckStatus::Failed
+    ))
 }
 
 async fn fail_cycle<D: BlockDevice>(
