@@ -10,6 +10,7 @@ use common::{DISK_BYTES, World};
 use replicator_core::device::{BlockDevice, MemDevice};
 use replicator_core::source::{ShipOutcome, ShipReport};
 use replicator_core::tracker::ChangeTracker;
+use replicator_sink::Sink;
 
 /// Ships, and when the source waits for the target's catalog, hydrates once (the target answers)
 /// and ships again. Returns the shipped report.
@@ -329,5 +330,39 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> 
             std::fs::copy(entry.path(), dst)?;
         }
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cycle_the_cache_lost_is_healed_by_a_resync_not_a_stall() -> anyhow::Result<()> {
+    let mut w = seeded(49).await?;
+    // A delta is shipped, then the cache loses it (rolled back) before the target applied it.
+    w.churn(6)?;
+    let lost = w.ship().await?;
+    let disk = w.source.disk_id();
+    for key in w.blob_keys(lost.cycle).await? {
+        w.sink.delete(&key).await?;
+    }
+    w.sink
+        .delete(&replicator_core::layout::manifest_key(&disk, lost.cycle))
+        .await?;
+    // The source chains the next delta on the lost one; the target can apply neither.
+    w.churn(3)?;
+    let next = w.ship().await?;
+    assert_eq!(next.base_cycle, lost.cycle);
+    let h = w.hydrate().await?;
+    assert!(h.applied.is_empty(), "{h:?}");
+    let cat = h
+        .catalog
+        .ok_or_else(|| anyhow::anyhow!("a stuck target must say so with its catalog"))?;
+    assert_eq!(cat.answers_request, 0);
+    let r = w.ship().await?;
+    let x = r.resync.ok_or_else(|| anyhow::anyhow!("not a resync"))?;
+    assert!(x.reason.contains("cannot apply"), "{}", x.reason);
+    assert_eq!(x.superseded, vec![lost.cycle, next.cycle]);
+    assert!(x.bytes_differing < DISK_BYTES / 2, "{x:?}");
+    let h = w.hydrate().await?;
+    assert!(h.failed.is_none(), "{:?}", h.failed);
+    assert!(w.identical());
     Ok(())
 }
