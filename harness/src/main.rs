@@ -8,6 +8,7 @@ mod commands;
 mod demo;
 mod ktrack;
 mod loopdev;
+mod memory;
 mod sinks;
 mod table;
 mod trackers;
@@ -89,6 +90,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let report_memory = matches!(
+        cli.command,
+        Command::Demo(_) | Command::Ship(_) | Command::Hydrate(_)
+    );
     let result = runtime.block_on(async {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
@@ -102,6 +107,9 @@ fn main() -> ExitCode {
             Command::Track(args) => ktrack::run(args).await,
         }
     });
+    if report_memory && let Some(peak) = memory::peak_rss_bytes() {
+        eprintln!("peak memory (RSS): {}", table::bytes(peak));
+    }
     match result {
         Ok(code) => code,
         Err(err) => {
