@@ -285,4 +285,39 @@ fn main() {
             &bytes,
         );
     }
+
+    // --- CBT tracker checkpoints ---------------------------------------------
+    {
+        use replicator_core::tracker::Generation;
+        use replicator_core::tracker::cbt::{Checkpoint, checkpoint_bytes};
+        let mut current = SectorBitmap::new(8192);
+        current.mark_sectors(8, 100).expect("mark");
+        let mut frozen = SectorBitmap::new(8192);
+        frozen.mark_sectors(4000, 1).expect("mark");
+        let plain = Checkpoint {
+            generation: Generation([0x77; 16]),
+            epoch: 5,
+            lost: None,
+            current: current.clone(),
+            frozen: Some(frozen),
+        };
+        write(
+            &seeds,
+            "decode_tracker_checkpoint",
+            "frozen.ckpt",
+            &checkpoint_bytes(&plain),
+        );
+        let lost = Checkpoint {
+            lost: Some("the tracker checkpoint could not be read".into()),
+            current: SectorBitmap::full(8192),
+            frozen: None,
+            ..plain
+        };
+        write(
+            &seeds,
+            "decode_tracker_checkpoint",
+            "lost.ckpt",
+            &checkpoint_bytes(&lost),
+        );
+    }
 }

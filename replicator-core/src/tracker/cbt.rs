@@ -630,12 +630,36 @@ fn read_activity_log(path: &Path) -> Result<Vec<u64>> {
     Ok(regions)
 }
 
-struct Checkpoint {
-    generation: Generation,
-    epoch: u64,
-    lost: Option<String>,
-    current: SectorBitmap,
-    frozen: Option<SectorBitmap>,
+/// The contents of a checkpoint file (`tracker.ckpt`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The tracker state's generation.
+    pub generation: Generation,
+    /// The current epoch's number.
+    pub epoch: u64,
+    /// Why tracking is lost, if it is.
+    pub lost: Option<String>,
+    /// The current epoch's marks.
+    pub current: SectorBitmap,
+    /// A frozen epoch's marks, if one was frozen.
+    pub frozen: Option<SectorBitmap>,
+}
+
+/// Parses checkpoint bytes for a disk of `disk_sectors` sectors (public for the fuzz target).
+/// A checkpoint written before generations gets a new random generation.
+pub fn parse_checkpoint(bytes: &[u8], disk_sectors: u64) -> Result<Checkpoint> {
+    decode_checkpoint(bytes, Path::new(CKPT_FILE), disk_sectors)
+}
+
+/// The bytes of a checkpoint (public for the fuzz target and its seeds).
+pub fn checkpoint_bytes(c: &Checkpoint) -> Vec<u8> {
+    encode_checkpoint(
+        c.generation,
+        c.epoch,
+        c.lost.as_deref(),
+        &c.current,
+        c.frozen.as_ref(),
+    )
 }
 
 fn encode_checkpoint(
