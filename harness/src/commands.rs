@@ -91,6 +91,19 @@ pub fn read_key(path: &Path) -> Result<MasterKey> {
     })
 }
 
+/// Reads the key files of a command: the first is the current key, the others previous keys
+/// still read after a rotation.
+pub fn read_keys(paths: &[PathBuf]) -> Result<MasterKey> {
+    let Some((current, previous)) = paths.split_first() else {
+        return Err(usage("give the master key file with --key-file"));
+    };
+    let previous = previous
+        .iter()
+        .map(|p| read_key(p))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(read_key(current)?.with_previous(previous))
+}
+
 /// `harness keygen`.
 pub fn keygen(out: &Path) -> Result<ExitCode> {
     use std::io::Write;
@@ -131,9 +144,10 @@ pub struct ShipArgs {
     /// The source side's state directory (tracker, pending cycles).
     #[arg(long)]
     state: PathBuf,
-    /// The master key file (see `harness keygen`).
-    #[arg(long)]
-    key_file: PathBuf,
+    /// The master key file (see `harness keygen`). Give it again with older key files after a
+    /// key rotation: the first encrypts new cycles, the others still read what they wrote.
+    #[arg(long, required = true)]
+    key_file: Vec<PathBuf>,
     #[command(flatten)]
     tracker: TrackerArgs,
     /// Keep shipping on the schedule (first delta at once, then min(max(1h, d/2), 12h) after
@@ -209,7 +223,7 @@ fn print_ship(r: &ShipReport) {
 
 /// `harness ship`.
 pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
-    let key = read_key(&args.key_file)?;
+    let key = read_keys(&args.key_file)?;
     let stack = args.sink.open()?;
     let sink = &stack.sink;
     let (mut source, report) = open_source(&args.tracker, &args.state, &args.source)?;
@@ -300,9 +314,10 @@ pub struct HydrateArgs {
     /// The target side's state directory.
     #[arg(long)]
     state: PathBuf,
-    /// The master key file.
-    #[arg(long)]
-    key_file: PathBuf,
+    /// The master key file. Give it again with older key files after a key rotation: cycles
+    /// shipped under those still apply.
+    #[arg(long, required = true)]
+    key_file: Vec<PathBuf>,
     /// The disk to hydrate (32 hex digits); needed only when the cache holds several disks and
     /// this state directory is new.
     #[arg(long)]
@@ -395,7 +410,7 @@ pub fn print_hydrate(r: &HydrateReport) -> bool {
 
 /// `harness hydrate`.
 pub async fn hydrate(args: HydrateArgs) -> Result<ExitCode> {
-    let key = read_key(&args.key_file)?;
+    let key = read_keys(&args.key_file)?;
     let stack = args.sink.open()?;
     let sink = &stack.sink;
     let disk = resolve_disk(&args.state, args.disk.as_deref(), sink.as_ref()).await?;

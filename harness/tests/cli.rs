@@ -705,3 +705,87 @@ fn the_hrl_tracker_ships_logged_writes_from_separate_processes() -> anyhow::Resu
     assert!(out.contains("shipped with the hrl tracker"), "{out}");
     Ok(())
 }
+
+#[test]
+fn a_key_rotation_keeps_unapplied_cycles_readable() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let (src, tgt, cache, sst, tst) = (
+        d.join("src.img"),
+        d.join("tgt.img"),
+        d.join("cache"),
+        d.join("src-state"),
+        d.join("tgt-state"),
+    );
+    for img in [&src, &tgt] {
+        std::fs::File::create(img)?.set_len(4 << 20)?;
+    }
+    let (k1, k2) = (d.join("k1"), d.join("k2"));
+    ok(&["keygen", "--out", &s(&k1)])?;
+    ok(&["keygen", "--out", &s(&k2)])?;
+    let write = |seed: &str| {
+        ok(&[
+            "write",
+            "--source",
+            &s(&src),
+            "--state",
+            &s(&sst),
+            "--bytes",
+            "256K",
+            "--seed",
+            seed,
+        ])
+    };
+    let ship = |keys: &[&Path]| {
+        let mut args = vec![
+            "ship".to_owned(),
+            "--source".into(),
+            s(&src),
+            "--sink".into(),
+        ];
+        args.extend([s(&cache), "--state".into(), s(&sst)]);
+        for k in keys {
+            args.extend(["--key-file".to_owned(), s(k)]);
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        code(&refs)
+    };
+    let hydrate = |keys: &[&Path]| {
+        let mut args = vec![
+            "hydrate".to_owned(),
+            "--target".into(),
+            s(&tgt),
+            "--sink".into(),
+        ];
+        args.extend([s(&cache), "--state".into(), s(&tst)]);
+        for k in keys {
+            args.extend(["--key-file".to_owned(), s(k)]);
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        code(&refs)
+    };
+    write("1")?;
+    assert_eq!(ship(&[&k1])?.0, 0);
+    write("2")?;
+    assert_eq!(ship(&[&k1])?.0, 0);
+    // Rotate to k2 with cycles 1 and 2 still unapplied.
+    write("3")?;
+    let (c, out) = ship(&[&k2, &k1])?;
+    assert_eq!(c, 0, "{out}");
+    // The target without the old key says so and applies nothing.
+    let (c, out) = hydrate(&[&k2])?;
+    assert_eq!(c, 2, "{out}");
+    assert!(out.contains("wrong key"), "{out}");
+    let (c, out) = hydrate(&[&k2, &k1])?;
+    assert_eq!(c, 0, "{out}");
+    assert!(out.contains("applied cycle 3"), "{out}");
+    ok(&["verify", "--source", &s(&src), "--target", &s(&tgt)])?;
+    // Once everything under k1 was applied and acknowledged, k2 alone goes on.
+    write("4")?;
+    let (c, out) = ship(&[&k2, &k1])?;
+    assert_eq!(c, 0, "{out}");
+    let (c, out) = hydrate(&[&k2])?;
+    assert_eq!(c, 0, "{out}");
+    ok(&["verify", "--source", &s(&src), "--target", &s(&tgt)])?;
+    Ok(())
+}

@@ -742,13 +742,13 @@ fn open(
         ));
     }
 
-    let key_id = key.key_id();
-    if header.key_id != key_id {
+    // The current key, or a previous one still read after a rotation.
+    let Some(key) = key.for_key_id(&header.key_id) else {
         return Err(FormatError::WrongKey {
-            expected: to_hex(&key_id),
+            expected: to_hex(&key.key_id()),
             found: to_hex(&header.key_id),
         });
-    }
+    };
 
     let (aad, payload) = bytes
         .split_at_checked(HEADER_LEN)

@@ -171,19 +171,35 @@ fn wipe(bytes: &mut [u8]) {
 
 /// The operator's 32-byte master key. Every disk key derives from it.
 #[derive(Clone)]
-pub struct MasterKey([u8; MASTER_KEY_LEN]);
+pub struct MasterKey([u8; MASTER_KEY_LEN], Vec<MasterKey>);
 
 impl MasterKey {
     /// A new random master key from the operating system's generator.
     pub fn generate() -> Result<Self, KeyError> {
         let mut k = [0u8; MASTER_KEY_LEN];
         getrandom::fill(&mut k).map_err(|e| KeyError::Random(e.to_string()))?;
-        Ok(Self(k))
+        Ok(Self(k, Vec::new()))
     }
 
     /// Wraps existing key bytes.
     pub fn from_bytes(bytes: [u8; MASTER_KEY_LEN]) -> Self {
-        Self(bytes)
+        Self(bytes, Vec::new())
+    }
+
+    /// Key rotation: this key encrypts everything new, and objects written under `previous`
+    /// keys (chosen by the key id in their header) stay readable, so cycles shipped before the
+    /// rotation still apply and their acknowledgements still count.
+    pub fn with_previous(mut self, previous: Vec<MasterKey>) -> Self {
+        self.1 = previous;
+        self
+    }
+
+    /// The key ids (of `disk`) of this key and of the previous keys it still reads, current first.
+    pub fn key_ids(&self, disk: &DiskId) -> Vec<[u8; KEY_ID_LEN]> {
+        let dk = self.disk_key(disk);
+        std::iter::once(dk.key_id())
+            .chain(dk.previous.iter().map(DiskKey::key_id))
+            .collect()
     }
 
     /// The key file text: the comment line `# replicator master key v1`, a
@@ -240,7 +256,7 @@ impl MasterKey {
             }
         }
         match found {
-            Some((_, bytes)) => Ok(Self(bytes)),
+            Some((_, bytes)) => Ok(Self(bytes, Vec::new())),
             None => Err(KeyError::KeyFileMissingKey {
                 path: path_for_errors.to_owned(),
             }),
@@ -282,6 +298,7 @@ impl MasterKey {
         let hk = Hkdf::<Sha256>::new(Some(HKDF_DISK_SALT), &self.0);
         DiskKey {
             key: expand::<32>(&hk, &[&disk.0]),
+            previous: self.1.iter().map(|k| k.disk_key(disk)).collect(),
         }
     }
 }
@@ -363,9 +380,19 @@ impl FromStr for DiskId {
 #[derive(Clone)]
 pub struct DiskKey {
     key: [u8; 32],
+    /// Keys of the same disk under previous master keys: read, never written with.
+    previous: Vec<DiskKey>,
 }
 
 impl DiskKey {
+    /// The key that wrote objects whose header has `key_id`: this one or a previous one.
+    pub fn for_key_id(&self, key_id: &[u8; KEY_ID_LEN]) -> Option<&DiskKey> {
+        if &self.key_id() == key_id {
+            return Some(self);
+        }
+        self.previous.iter().find(|k| &k.key_id() == key_id)
+    }
+
     /// Non-secret fingerprint stored in every header:
     /// the first 8 bytes of HKDF-Expand(prk = disk key, info = `replicator/v1/key-id`).
     pub fn key_id(&self) -> [u8; KEY_ID_LEN] {
