@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 1 a cycle or a verification failed; 2 bad usage or input.
 #![allow(clippy::print_stdout, clippy::print_stderr)] // the binary owns printing
 
+mod assess;
 mod bars;
 mod commands;
 mod demo;
@@ -70,6 +71,9 @@ enum Command {
     /// Track a block device's changes from the kernel's block events (as root; tracefs), until
     /// SIGTERM or Ctrl-C: every write by any process is marked, for `ship --tracker kernel`.
     Track(ktrack::TrackArgs),
+    /// Sample block devices' write counters and say, per disk, whether its churn fits the
+    /// replication tiers (P95 of 10-minute peaks x 1.3 against per-disk and per-VM limits).
+    Assess(assess::AssessArgs),
 }
 
 fn main() -> ExitCode {
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
             Command::Write(args) => commands::write(args),
             Command::Gc(args) => commands::gc(args).await,
             Command::Track(args) => ktrack::run(args).await,
+            Command::Assess(args) => assess::run(args).await,
         }
     });
     if report_memory && let Some(peak) = memory::peak_rss_bytes() {

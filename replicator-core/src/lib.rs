@@ -6,6 +6,7 @@
 //! [`replicator_sink::Sink`] for the cache, and [`clock::Clock`] for time. The cycle logic is
 //! plain functions over them: [`source::ship_cycle`] and [`target::hydrate`].
 
+pub mod assess;
 pub mod bitmap;
 pub mod catalog;
 /// Time, injected: re-exported from `replicator_sink::clock`, where the sink wrappers need it too.
