@@ -30,6 +30,7 @@ command -v fio >/dev/null || missing+=(fio)
 command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
 command -v blkdiscard >/dev/null || missing+=(util-linux)
 command -v cmp >/dev/null || missing+=(diffutils)
+command -v qemu-img >/dev/null || missing+=(qemu-utils)
 if ((${#missing[@]})); then
     step "installing ${missing[*]}"
     apt-get update -qq

@@ -38,6 +38,28 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// `qemu-img compare` of two raw images: 0 identical, 1 different (its own exit codes).
+fn qemu_img_compare(a: &Path, b: &Path) -> anyhow::Result<i32> {
+    let o = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot run qemu-img ({e}): scripts/test.sh installs it (apt-get install -y \
+                 --no-install-recommends qemu-utils)"
+            )
+        })?;
+    let c = o.status.code().unwrap_or(-1);
+    anyhow::ensure!(
+        c == 0 || c == 1,
+        "qemu-img compare failed ({c}): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(c)
+}
+
 #[test]
 fn separate_processes_ship_hydrate_verify_and_heal() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -589,6 +611,12 @@ fn ship_resync_repairs_a_target_written_outside_replication() -> anyhow::Result<
     }
     let (c, out) = code(&["verify", "--source", &s(&src), "--target", &s(&tgt)])?;
     assert_eq!(c, 1, "{out}");
+    // A comparison no one here wrote agrees.
+    assert_eq!(
+        qemu_img_compare(&src, &tgt)?,
+        1,
+        "qemu-img sees the difference too"
+    );
     let out = ship(&["--resync", "--resync-block-size", "16384"])?;
     assert!(
         out.contains("no cycle shipped") && out.contains("resync request 1"),
@@ -606,6 +634,11 @@ fn ship_resync_repairs_a_target_written_outside_replication() -> anyhow::Result<
     );
     hydrate()?;
     ok(&["verify", "--source", &s(&src), "--target", &s(&tgt)])?;
+    assert_eq!(
+        qemu_img_compare(&src, &tgt)?,
+        0,
+        "qemu-img finds the images identical"
+    );
     // Tracking goes on as before.
     write("2")?;
     let out = ship(&[])?;

@@ -416,6 +416,20 @@ impl Setup {
         ])?;
         ensure!(out.contains("identical"), "{out}");
         run("cmp", &[&self.src.path(), &s(&self.tgt)])?;
+        // And a comparison no one here wrote.
+        run(
+            "qemu-img",
+            &[
+                "compare",
+                "-q",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                &self.src.path(),
+                &s(&self.tgt),
+            ],
+        )?;
         Ok(())
     }
 
