@@ -194,6 +194,17 @@ fn print_ship(r: &ShipReport) {
         table::bytes(r.zero_bytes),
         table::duration(r.finished.since(r.started))
     );
+    if let Some(churn) = r.churn_bytes_per_s() {
+        let fold = r
+            .fold_ratio()
+            .map(|f| format!(", {f:.2} bytes written per byte shipped"))
+            .unwrap_or_default();
+        println!(
+            "  churn {}/s over the {} since the previous cycle{fold}",
+            table::bytes(churn as u64),
+            table::duration(std::time::Duration::from_millis(r.interval_ms.unwrap_or(0)))
+        );
+    }
     if !r.acked.is_empty() {
         println!("  target acknowledged cycles {:?}", r.acked);
     }
@@ -289,6 +300,9 @@ pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
         };
         let finished = clock.now();
         sched.record(kind, started, finished, ok);
+        if let Some(warning) = sched.churn_warning() {
+            eprintln!("warning: {warning}");
+        }
         if let Next::Run { kind, at } = sched.next()
             && at > finished
         {

@@ -79,7 +79,12 @@ pub struct Scheduler {
     next: Next,
     consecutive_failures: u32,
     cutover_requested: bool,
+    /// Durations of the latest successful deltas, oldest first (at most [`CHURN_TREND_CYCLES`]).
+    recent_deltas: Vec<Duration>,
 }
+
+/// Successive deltas looked at for the high-churn warning.
+pub const CHURN_TREND_CYCLES: usize = 3;
 
 impl Scheduler {
     /// A schedule starting now; `initial_done` says whether the initial copy already happened
@@ -95,12 +100,40 @@ impl Scheduler {
             next: Next::Run { kind, at: now },
             consecutive_failures: 0,
             cutover_requested: false,
+            recent_deltas: Vec::new(),
         }
     }
 
     /// What to run next, and when.
     pub fn next(&self) -> Next {
         self.next
+    }
+
+    /// A high-churn warning, when the last [`CHURN_TREND_CYCLES`] deltas each took longer than
+    /// the one before and the gap they lead to has reached half the 12 h clamp or more: the
+    /// source changes faster than a cycle ships it, so the recovery point keeps slipping.
+    pub fn churn_warning(&self) -> Option<String> {
+        let d = &self.recent_deltas;
+        if d.len() < CHURN_TREND_CYCLES || !d.windows(2).all(|w| w[1] > w[0]) {
+            return None;
+        }
+        let last = d[d.len() - 1];
+        let gap = self.policy.delta_interval(last);
+        if gap * 2 < self.policy.interval_max {
+            return None;
+        }
+        Some(format!(
+            "high churn: the last {} delta cycles each took longer ({}), and the next gap is {} s \
+             of the {} s clamp; the cache or the target cannot keep up with the source's writes: \
+             assess the disk's churn, move to a faster tier, or exclude the disk",
+            d.len(),
+            d.iter()
+                .map(|x| format!("{} s", x.as_secs()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            gap.as_secs(),
+            self.policy.interval_max.as_secs()
+        ))
     }
 
     /// How many cycles in a row have failed.
@@ -141,6 +174,12 @@ impl Scheduler {
             return;
         }
         self.consecutive_failures = 0;
+        if kind == CycleKind::Delta {
+            if self.recent_deltas.len() == CHURN_TREND_CYCLES {
+                self.recent_deltas.remove(0);
+            }
+            self.recent_deltas.push(finished.since(started));
+        }
         self.next = match kind {
             CycleKind::Cutover => Next::Done,
             _ if self.cutover_requested => Next::Run {
@@ -165,6 +204,30 @@ mod tests {
     use crate::clock::{Clock, SimClock};
 
     const H: u64 = 3600;
+
+    #[test]
+    fn lengthening_deltas_toward_the_clamp_raise_a_churn_warning() {
+        let clock = SimClock::new(Timestamp::from_unix_ms(0));
+        let mut s = Scheduler::new(SchedulePolicy::default(), at(&clock), true);
+        let mut run = |secs: u64| {
+            let start = clock.now();
+            clock.advance(Duration::from_secs(secs));
+            s.record(CycleKind::Delta, start, clock.now(), true);
+            s.churn_warning()
+        };
+        // Short, steady deltas: no warning.
+        assert_eq!(run(600), None);
+        assert_eq!(run(600), None);
+        assert_eq!(run(600), None);
+        // Growing, but the gap is still far from the clamp.
+        assert_eq!(run(2 * H), None);
+        assert_eq!(run(3 * H), None);
+        // Growing toward the clamp: warned.
+        let w = run(12 * H).unwrap_or_default();
+        assert!(w.contains("high churn") && w.contains("21600 s"), "{w}");
+        // One shorter delta ends the trend.
+        assert_eq!(run(H), None);
+    }
 
     fn at(clock: &SimClock) -> Timestamp {
         clock.now()

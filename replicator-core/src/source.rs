@@ -97,6 +97,10 @@ pub struct ShipReport {
     pub carried_from_failed: Vec<u64>,
     /// Set when the cycle was a checksum resync: what it compared.
     pub resync: Option<ResyncReport>,
+    /// Bytes written into the frozen epoch, if the tracker counts them (see `fold_ratio`).
+    pub bytes_written: Option<u64>,
+    /// Time since the previous cycle froze the tracker, if one did (see `churn_bytes_per_s`).
+    pub interval_ms: Option<u64>,
     /// When the cycle started and finished.
     pub started: Timestamp,
     /// See `started`.
@@ -157,6 +161,19 @@ impl ShipOutcome {
 }
 
 impl ShipReport {
+    /// Churn: changed bytes per second of the interval since the previous freeze.
+    pub fn churn_bytes_per_s(&self) -> Option<f64> {
+        let ms = self.interval_ms.filter(|ms| *ms > 0)?;
+        Some(self.changed_bytes() as f64 * 1000.0 / ms as f64)
+    }
+
+    /// How much writes folded: bytes written into the epoch per byte of changed sectors shipped
+    /// (1.0 when every write hit new sectors; 10.0 when each sector was rewritten ten times).
+    pub fn fold_ratio(&self) -> Option<f64> {
+        let written = self.bytes_written?;
+        (self.changed_bytes() > 0).then(|| written as f64 / self.changed_bytes() as f64)
+    }
+
     /// Bytes of the sectors the cycle covers.
     pub fn changed_bytes(&self) -> u64 {
         self.changed_sectors * SECTOR_SIZE
@@ -241,6 +258,7 @@ impl<T: ChangeTracker + ?Sized + 'static> Source<T> {
                 resync: None,
                 requests_put: 0,
                 catalog_seen: 0,
+                last_freeze_unix_ms: None,
             },
         };
         let generation = tracker.generation().to_string();
@@ -649,6 +667,7 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
         src.tracker.mark_all()?;
     }
     let base_cycle = src.chain_tip();
+    let frozen_at_ms = clock.now().unix_ms();
     let frozen = src.tracker.freeze()?;
     if let Some(reason) = frozen.lost.clone()
         && !initial
@@ -695,9 +714,16 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
             });
             src.state.next_cycle = cycle + 1;
             src.state.in_flight = None;
+            let interval_ms = src
+                .state
+                .last_freeze_unix_ms
+                .map(|t| frozen_at_ms.saturating_sub(t));
+            src.state.last_freeze_unix_ms = Some(frozen_at_ms);
             src.save()?;
             src.tracker.release(true)?;
             Ok(ShipOutcome::Shipped(ShipReport {
+                bytes_written: frozen.bytes_written,
+                interval_ms,
                 cycle,
                 base_cycle,
                 initial,
@@ -938,6 +964,7 @@ async fn resync_cycle<T: ChangeTracker + ?Sized + 'static>(
 
     let cycle = src.state.next_cycle;
     src.tracker.mark_all()?;
+    let frozen_at_ms = clock.now().unix_ms();
     let frozen = src.tracker.freeze()?;
     src.state.attempts += 1;
     let attempt = src.state.attempts;
@@ -997,6 +1024,11 @@ async fn resync_cycle<T: ChangeTracker + ?Sized + 'static>(
     src.state.resync = None;
     src.state.catalog_seen = src.state.catalog_seen.max(found.number);
     src.state.target_generation = Some(to_hex(&found.catalog.target_generation));
+    let interval_ms = src
+        .state
+        .last_freeze_unix_ms
+        .map(|t| frozen_at_ms.saturating_sub(t));
+    src.state.last_freeze_unix_ms = Some(frozen_at_ms);
     src.save()?;
     // The whole disk as of the freeze was compared: every earlier mark is accounted for.
     src.tracker.release(true)?;
@@ -1017,6 +1049,8 @@ async fn resync_cycle<T: ChangeTracker + ?Sized + 'static>(
     }
     let bytes_differing = scan.differing.count() * SECTOR_SIZE;
     Ok(ShipReport {
+        bytes_written: frozen.bytes_written,
+        interval_ms,
         cycle,
         base_cycle,
         initial: false,

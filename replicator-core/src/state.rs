@@ -233,6 +233,9 @@ pub struct SourceState {
     /// The newest target catalog already dealt with.
     #[serde(default)]
     pub catalog_seen: u64,
+    /// When the last shipped cycle froze the tracker, Unix milliseconds (churn per interval).
+    #[serde(default)]
+    pub last_freeze_unix_ms: Option<u64>,
 }
 
 /// `target.json`: the target side's memory.

@@ -290,6 +290,8 @@ impl ChangeTracker for KernelTracker {
                     epoch,
                     bitmap,
                     lost,
+                    // The daemon sees ranges, queued and completed, not bytes written once.
+                    bytes_written: None,
                 })
             }
             (other, _) => Err(self.unexpected("freeze", &other)),

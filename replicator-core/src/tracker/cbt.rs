@@ -96,6 +96,8 @@ enum CowLoc {
 #[derive(Debug)]
 struct Inner {
     epoch: u64,
+    /// Bytes written into the current epoch (not persisted: a restart starts counting anew).
+    bytes_written: u64,
     /// Why the marks cannot be trusted, until a committed cycle compared the whole disk.
     lost: Option<String>,
     current: SectorBitmap,
@@ -130,6 +132,7 @@ impl<D: BlockDevice> CbtTracker<D> {
             generation: Generation([0; GENERATION_LEN]),
             inner: Mutex::new(Inner {
                 epoch: 1,
+                bytes_written: 0,
                 lost: None,
                 current: SectorBitmap::new(sectors),
                 frozen: None,
@@ -223,6 +226,7 @@ impl<D: BlockDevice> CbtTracker<D> {
             generation,
             inner: Mutex::new(Inner {
                 epoch,
+                bytes_written: 0,
                 lost,
                 current,
                 frozen: None,
@@ -385,6 +389,7 @@ impl<D: BlockDevice> CbtTracker<D> {
         self.preserve(&mut inner, offset_bytes, buf.len() as u64)?;
         self.dev.write_at(buf, offset_bytes)?;
         inner.current.mark_bytes(offset_bytes, buf.len() as u64)?;
+        inner.bytes_written = inner.bytes_written.saturating_add(buf.len() as u64);
         Ok(inner.epoch)
     }
 }
@@ -442,6 +447,7 @@ impl<D: BlockDevice> ChangeTracker for CbtTracker<D> {
         let bitmap = std::mem::replace(&mut inner.current, SectorBitmap::new(sectors));
         let epoch = inner.epoch;
         let lost = inner.lost.clone();
+        let bytes_written = std::mem::take(&mut inner.bytes_written);
         inner.epoch += 1;
         inner.frozen = Some(FrozenEpoch {
             epoch,
@@ -461,6 +467,7 @@ impl<D: BlockDevice> ChangeTracker for CbtTracker<D> {
             epoch,
             bitmap,
             lost,
+            bytes_written: Some(bytes_written),
         })
     }
 

@@ -692,6 +692,8 @@ struct Inner {
     overflow_marks: u64,
     /// An append failed part-way: the current segment must be cut back before the next one.
     tail_dirty: bool,
+    /// Bytes written into the current epoch (not persisted: a restart starts counting anew).
+    bytes_written: u64,
 }
 
 impl Inner {
@@ -993,6 +995,7 @@ impl<D: BlockDevice> HrlTracker<D> {
             generation: state.generation,
             log_bytes_max,
             inner: Mutex::new(Inner {
+                bytes_written: 0,
                 epoch: state.epoch,
                 committed_epoch: state.committed_epoch,
                 acked_epoch: state.acked_epoch,
@@ -1327,6 +1330,7 @@ impl<D: BlockDevice> HrlTracker<D> {
             return Err(e.into());
         }
         self.note_write(&mut inner, start, len, &logged)?;
+        inner.bytes_written = inner.bytes_written.saturating_add(buf.len() as u64);
         if inner.current.overflowed && inner.overflow_marks >= self.cfg.overflow_marks_max {
             self.fold_marks(&mut inner)?;
         }
@@ -1437,6 +1441,7 @@ impl<D: BlockDevice> ChangeTracker for HrlTracker<D> {
             epoch,
             bitmap,
             lost,
+            bytes_written: Some(std::mem::take(&mut inner.bytes_written)),
         })
     }
 

@@ -133,6 +133,9 @@ pub struct Frozen {
     /// must compare checksums with the target rather than ship it all. Cleared by the first
     /// committed release after it was reported.
     pub lost: Option<String>,
+    /// Bytes written into the epoch (each write counted in full, however often it rewrote the
+    /// same sectors), if the tracker counts them: with the bitmap, how much writes fold.
+    pub bytes_written: Option<u64>,
 }
 
 /// A change tracker of one disk. See the module documentation for the contract.
