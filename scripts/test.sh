@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project on a fresh Debian 12 machine, as root.
 # It installs what the tests need, sets up what they use (loop devices), runs format, lint,
-# unit, property, end-to-end, CLI, golden-vector, benchmark-smoke and fuzz-smoke checks, and
-# leaves nothing behind (no loop device attached, no trace instance, no server running: the tests
-# start Azurite and Garage on free local ports and stop them by PID).
+# unit, property, end-to-end, CLI, golden-vector, kill -9 torture, benchmark-smoke and fuzz-smoke
+# checks, and leaves nothing behind (no loop device attached, no trace instance, no server
+# running: the tests start Azurite and Garage on free local ports and stop them by PID).
 #
 #   scripts/test.sh            everything
 #   scripts/test.sh --quick    format, lint and tests only (no bench or fuzz smoke)
@@ -94,6 +94,13 @@ if [[ -f "$hostile_table" ]]; then
 fi
 ((tests_status == 0)) || die "tests failed (see above)"
 cargo test --workspace --doc --locked
+
+step "kill -9 torture: ship and hydrate killed ${TORTURE_KILLS:=30} times under a live workload"
+# The nonce check must catch a crafted reuse, then a short torture (the full run is 200 kills,
+# see README "Reliability"). It uses the debug harness the tests built.
+benches/torture.sh selftest
+cargo build -p harness --locked --quiet
+TORTURE_KILLS=$TORTURE_KILLS HARNESS="${CARGO_TARGET_DIR:-target}/debug/harness" benches/torture.sh
 
 if ((quick == 0)); then
     step "benchmarks compile and run once (criterion --test)"

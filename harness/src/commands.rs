@@ -557,7 +557,7 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
         crate::ktrack::status(dir)?;
     }
     if let (Some(url), Some(disk)) = (args.sink, disk) {
-        let sink = crate::sinks::open(&[url], None, "UTC", 1)?.sink;
+        let sink = crate::sinks::open(&[url], None, "UTC", 1, None)?.sink;
         let id: DiskId = disk
             .parse()
             .map_err(|e| usage(format!("bad disk id: {e}")))?;

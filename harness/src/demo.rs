@@ -180,6 +180,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         args.throttle.as_deref(),
         "UTC",
         RetryPolicy::default().attempts_max,
+        None,
     )?;
     let sink: Arc<dyn Sink> = Arc::clone(&stack.sink);
     let disks = make_disks(&dir, args.size, args.loop_devices)?;

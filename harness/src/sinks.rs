@@ -1,14 +1,23 @@
 //! The cache as the harness opens it: one or more backends (sharded by key), a bandwidth
-//! schedule, retries of transient failures, and metrics for the report.
+//! schedule, retries of transient failures, metrics for the report, and optionally a record of
+//! every object put (`--record-puts`), which the kill -9 torture (`benches/torture.sh`) reads to
+//! prove that no AES-GCM nonce was used twice under one key.
 
-use std::sync::Arc;
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use bytes::Bytes;
 use replicator_core::clock::{Clock, SystemClock};
+use replicator_core::format::{TAG_LEN, peek_header};
 use replicator_sink::wrap::{
     MetricsSink, RetryPolicy, RetrySink, ShardSink, ThrottleConfig, ThrottleSink, UtcOffset,
 };
-use replicator_sink::{Sink, open_sink};
+use replicator_sink::{ObjectMeta, PutMode, Sink, SinkError, SinkErrorKind, open_sink};
 
 use crate::commands::UsageError;
 
@@ -32,6 +41,12 @@ pub struct SinkArgs {
     /// exponential backoff within a shared retry budget.
     #[arg(long, default_value_t = RetryPolicy::default().attempts_max)]
     pub sink_attempts: u32,
+    /// Append a line to FILE for every object put into the cache: `begin` before the put and
+    /// `done` after it succeeded, each with the key, the header fields that pick the AES-GCM key
+    /// and nonce (kind, key id, disk, cycle, attempt, seq, salt) and the GCM tag. For checking
+    /// that no nonce is reused (see `benches/torture.sh`).
+    #[arg(long, value_name = "FILE")]
+    pub record_puts: Option<PathBuf>,
 }
 
 /// The opened cache, with the metrics of everything done through it.
@@ -53,12 +68,14 @@ fn usage(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::Error::new(UsageError(e.to_string()))
 }
 
-/// Opens `metrics(retry(throttle(shard(backends))))` on the system clock.
+/// Opens `metrics(retry(throttle(record(shard(backends)))))` on the system clock; the record
+/// layer only with `record_puts`.
 pub fn open(
     urls: &[String],
     throttle: Option<&str>,
     utc_offset: &str,
     attempts: u32,
+    record_puts: Option<&Path>,
 ) -> Result<SinkStack> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mut backends = Vec::with_capacity(urls.len());
@@ -69,6 +86,9 @@ pub fn open(
         1 => backends.remove(0),
         _ => Arc::new(ShardSink::new(backends).map_err(usage)?),
     };
+    if let Some(path) = record_puts {
+        sink = Arc::new(RecordPutsSink::open(sink, path)?);
+    }
     if let Some(spec) = throttle {
         let offset = UtcOffset::parse(utc_offset).map_err(usage)?;
         let config = ThrottleConfig::parse(spec)
@@ -96,6 +116,166 @@ impl SinkArgs {
             self.throttle.as_deref(),
             &self.throttle_utc_offset,
             self.sink_attempts,
+            self.record_puts.as_deref(),
         )
+    }
+}
+
+/// Records every put into a file, one line per event, for the nonce-reuse check of the torture.
+///
+/// A line is `PHASE KEY KIND KEY_ID DISK CYCLE ATTEMPT SEQ SALT TAG`, space-separated: `PHASE` is
+/// `begin` (written before the put, so an object that lands just before the process is killed is
+/// still on record) or `done` (after the put succeeded); `KIND` is the object kind's name;
+/// `KEY_ID`, `SALT` and `TAG` (the last 16 bytes, the GCM tag) are lowercase hex; `DISK` is the
+/// disk id; the numbers are decimal. An object whose header cannot be read is recorded as
+/// `unparsed KEY REASON...`. Each line is appended with one `write` to a file opened for
+/// appending, so several processes can share one record file.
+#[derive(Debug)]
+pub struct RecordPutsSink {
+    inner: Arc<dyn Sink>,
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl RecordPutsSink {
+    /// Wraps `inner`, appending to `path` (created if absent).
+    pub fn open(inner: Arc<dyn Sink>, path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open the put record {}", path.display()))?;
+        Ok(RecordPutsSink {
+            inner,
+            path: path.to_owned(),
+            file: Mutex::new(file),
+        })
+    }
+
+    fn append(&self, key: &str, line: &str) -> Result<(), SinkError> {
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        file.write_all(line.as_bytes()).map_err(|e| {
+            SinkError::new(
+                SinkErrorKind::Permanent,
+                "put",
+                key,
+                format!(
+                    "cannot append to the put record {}: {e}",
+                    self.path.display()
+                ),
+            )
+        })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// The record line of one put of `data` under `key` in `phase` (`begin` or `done`).
+pub fn record_line(phase: &str, key: &str, data: &[u8]) -> String {
+    let header = match peek_header(data) {
+        Ok(h) => h,
+        Err(e) => return format!("unparsed {key} {}\n", e.to_string().replace('\n', " ")),
+    };
+    let tag = data
+        .get(data.len().saturating_sub(TAG_LEN)..)
+        .unwrap_or(&[]);
+    format!(
+        "{phase} {key} {} {} {} {} {} {} {} {}\n",
+        header.kind.name().replace(' ', "-"),
+        hex(&header.key_id),
+        header.disk_id,
+        header.cycle,
+        header.attempt,
+        header.seq,
+        hex(&header.salt),
+        hex(tag)
+    )
+}
+
+#[async_trait]
+impl Sink for RecordPutsSink {
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), SinkError> {
+        self.append(key, &record_line("begin", key, &data))?;
+        self.inner.put(key, data.clone(), mode).await?;
+        self.append(key, &record_line("done", key, &data))
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, SinkError> {
+        self.inner.get(key).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, SinkError> {
+        self.inner.list(prefix).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), SinkError> {
+        self.inner.delete(key).await
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BLOB: &[u8] = include_bytes!("../../replicator-core/tests/golden/blob_v1.bin");
+
+    #[test]
+    fn record_line_names_the_nonce_inputs_and_the_tag() -> Result<()> {
+        let h = peek_header(BLOB)?;
+        let line = record_line("done", "k/1", BLOB);
+        let fields: Vec<&str> = line.trim_end().split(' ').collect();
+        let tag = hex(BLOB.get(BLOB.len() - TAG_LEN..).unwrap_or(&[]));
+        assert_eq!(fields.len(), 10, "{line}");
+        assert_eq!(fields[..3], ["done", "k/1", "blob"]);
+        assert_eq!(fields[3], hex(&h.key_id));
+        assert_eq!(fields[4], h.disk_id.to_string());
+        assert_eq!(
+            fields[5..8],
+            [h.cycle, h.attempt, u64::from(h.seq)].map(|n| n.to_string())
+        );
+        assert_eq!(fields[8], hex(&h.salt));
+        assert_eq!(fields[9], tag);
+        assert!(line.ends_with('\n'));
+        Ok(())
+    }
+
+    #[test]
+    fn an_object_without_a_header_is_recorded_as_unparsed() {
+        let line = record_line("begin", "k/2", b"not an object");
+        assert!(line.starts_with("unparsed k/2 "), "{line}");
+        assert_eq!(line.matches('\n').count(), 1);
+    }
+
+    #[tokio::test]
+    async fn puts_are_recorded_before_and_after_and_failed_puts_only_before() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let record = dir.path().join("puts");
+        let store = Arc::new(replicator_sink::LocalDirSink::create(
+            dir.path().join("cache"),
+        )?);
+        let sink = RecordPutsSink::open(store, &record)?;
+        let data = Bytes::from_static(BLOB);
+        sink.put("a/b", data.clone(), PutMode::Create).await?;
+        assert!(sink.put("a/b", data, PutMode::Create).await.is_err());
+        let text = std::fs::read_to_string(&record)?;
+        let phases: Vec<&str> = text
+            .lines()
+            .map(|l| l.split(' ').next().unwrap_or(""))
+            .collect();
+        assert_eq!(phases, ["begin", "done", "begin"]);
+        Ok(())
     }
 }
