@@ -37,6 +37,7 @@ impl LocalDirSink {
                 "the sink path is not a directory",
             ));
         }
+        sweep_abandoned_tmp(&root.join(TMP_DIR));
         Ok(LocalDirSink {
             root: Arc::new(root),
         })
@@ -64,11 +65,38 @@ impl LocalDirSink {
     }
 }
 
+/// `<pid>-<24 hex digits>`: the writer's process id lets a later opener remove what a killed
+/// writer left behind, and never what a live one is writing.
 fn tmp_name() -> Result<String, io::Error> {
     let mut raw = [0u8; 12];
     getrandom::fill(&mut raw).map_err(|e| io::Error::other(e.to_string()))?;
     let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(hex)
+    Ok(format!("{}-{hex}", std::process::id()))
+}
+
+/// Removes temporary files of puts whose writer process is gone (killed between writing and
+/// renaming). Files of live processes, and names without a process id, are left alone; a
+/// failure to remove is only logged: this is housekeeping.
+fn sweep_abandoned_tmp(tmp: &Path) {
+    let Ok(entries) = fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        if let Err(e) = fs::remove_file(entry.path()) {
+            tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove an abandoned temporary file");
+        }
+    }
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -228,5 +256,27 @@ impl Sink for LocalDirSink {
 
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporary_files_of_dead_writers_are_swept_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join(TMP_DIR);
+        fs::create_dir_all(&tmp).unwrap();
+        // A pid above any Linux pid_max: its writer is certainly gone.
+        let dead = tmp.join("4294967295-00112233445566778899aabb");
+        let live = tmp.join(format!("{}-00112233445566778899aabb", std::process::id()));
+        let unknown = tmp.join("00112233445566778899aabb");
+        for f in [&dead, &live, &unknown] {
+            fs::write(f, b"partial").unwrap();
+        }
+        LocalDirSink::create(dir.path()).unwrap();
+        assert!(!dead.exists(), "a dead writer's file is removed");
+        assert!(live.exists() && unknown.exists(), "others are left alone");
     }
 }
