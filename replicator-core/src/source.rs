@@ -459,7 +459,13 @@ async fn settle_in_flight<T: ChangeTracker + ?Sized + 'static>(
                         .write_bitmap(&pending_file(inflight.cycle), &bitmap)?;
                     true
                 }
-                Err(e) => return Err(Error::Object { key, source: e }),
+                // The torn remains of this attempt's manifest put (or a damaged read): the cycle
+                // did not commit here. Its number is given up below, so the next attempt does not
+                // collide with the object, and garbage collection removes it.
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "the in-flight cycle's manifest does not verify: not committed");
+                    false
+                }
             }
         }
         Err(e) if e.is_not_found() => false,
@@ -471,8 +477,11 @@ async fn settle_in_flight<T: ChangeTracker + ?Sized + 'static>(
             base_cycle: inflight.base_cycle,
             epoch: inflight.epoch,
         });
-        src.state.next_cycle = inflight.cycle + 1;
     }
+    // A cycle number is used once: an attempt that did not commit may still have left a manifest
+    // (a torn put, a lost acknowledgement), which a new attempt under the same number could not
+    // replace, and which the target may already have failed or applied.
+    src.state.next_cycle = inflight.cycle + 1;
     // Blobs of an attempt that did not commit are removed by the garbage collection that follows.
     src.state.in_flight = None;
     src.save()
@@ -714,9 +723,11 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
             }))
         }
         Err(e) => {
-            // Nothing of this attempt is visible without its manifest; its sectors go back, and
-            // its blobs are removed by the next ship's garbage collection.
+            // Its sectors go back, and its blobs are removed by the next ship's garbage
+            // collection. A failed manifest put may still have stored the manifest, whole or
+            // torn: the cycle number is given up, as in `settle_in_flight`.
             src.tracker.release(false)?;
+            src.state.next_cycle = cycle + 1;
             src.state.in_flight = None;
             src.save()?;
             Err(e)
@@ -979,7 +990,9 @@ async fn resync_cycle<T: ChangeTracker + ?Sized + 'static>(
             ));
         }
         Err(e) => {
+            // As in `ship_cycle`: the cycle number is given up.
             src.tracker.release(false)?;
+            src.state.next_cycle = cycle + 1;
             src.state.in_flight = None;
             src.save()?;
             return Err(e);
