@@ -478,13 +478,21 @@ async fn settle_in_flight<T: ChangeTracker + ?Sized + 'static>(
             epoch: inflight.epoch,
         });
     }
-    // A cycle number is used once: an attempt that did not commit may still have left a manifest
-    // (a torn put, a lost acknowledgement), which a new attempt under the same number could not
-    // replace, and which the target may already have failed or applied.
-    src.state.next_cycle = inflight.cycle + 1;
+    // An attempt that did not commit but left a manifest (a torn put, a damaged read) gives its
+    // cycle number up: a new attempt could not replace the object, and the target may already
+    // have failed it.
+    if committed || manifest_left(sink, &disk, inflight.cycle).await {
+        src.state.next_cycle = inflight.cycle + 1;
+    }
     // Blobs of an attempt that did not commit are removed by the garbage collection that follows.
     src.state.in_flight = None;
     src.save()
+}
+
+/// Whether a failed attempt may have left a manifest under `cycle` (anything but a clear "not
+/// found" counts): its number must then not be used again.
+async fn manifest_left(sink: &dyn Sink, disk: &DiskId, cycle: u64) -> bool {
+    !matches!(sink.get(&layout::manifest_key(disk, cycle)).await, Err(e) if e.is_not_found())
 }
 
 /// Cuts a cycle's extents into blobs of at most `span_sectors` sectors and `extents_max`
@@ -725,9 +733,11 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
         Err(e) => {
             // Its sectors go back, and its blobs are removed by the next ship's garbage
             // collection. A failed manifest put may still have stored the manifest, whole or
-            // torn: the cycle number is given up, as in `settle_in_flight`.
+            // torn: then the cycle number is given up, as in `settle_in_flight`.
             src.tracker.release(false)?;
-            src.state.next_cycle = cycle + 1;
+            if manifest_left(sink, &disk, cycle).await {
+                src.state.next_cycle = cycle + 1;
+            }
             src.state.in_flight = None;
             src.save()?;
             Err(e)
@@ -990,9 +1000,11 @@ async fn resync_cycle<T: ChangeTracker + ?Sized + 'static>(
             ));
         }
         Err(e) => {
-            // As in `ship_cycle`: the cycle number is given up.
+            // As in `ship_cycle`.
             src.tracker.release(false)?;
-            src.state.next_cycle = cycle + 1;
+            if manifest_left(sink, &src.disk_id, cycle).await {
+                src.state.next_cycle = cycle + 1;
+            }
             src.state.in_flight = None;
             src.save()?;
             return Err(e);

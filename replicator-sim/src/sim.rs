@@ -592,11 +592,12 @@ impl World {
         .await;
         let state = source.state();
         let attempts_after = state.attempts;
-        // The cycle an attempt was made for: the report's, or after a failure the one given up
-        // (a failed attempt's manifest may still be in the cache and be applied).
-        let cycle = match &result {
-            Ok(ShipOutcome::Shipped(r)) => r.cycle,
-            _ => state.next_cycle.saturating_sub(1),
+        // The cycle an attempt was made for: the report's; after a failure, either the one given
+        // up (its manifest may be in the cache and be applied) or, when it left no manifest, the
+        // one still next.
+        let cycles = match &result {
+            Ok(ShipOutcome::Shipped(r)) => vec![r.cycle],
+            _ => vec![state.next_cycle.saturating_sub(1), state.next_cycle],
         };
         if attempts_after > attempts_before {
             if attempts_after != attempts_before + 1 {
@@ -606,7 +607,9 @@ impl World {
                 );
             }
             // Nothing wrote since the freeze: the model is the source as of it.
-            self.model.record(cycle, attempts_after);
+            for cycle in cycles {
+                self.model.record(cycle, attempts_after);
+            }
         }
         Ok(match result {
             Ok(ShipOutcome::Shipped(r)) => {
