@@ -477,7 +477,13 @@ async fn settle_in_flight<T: ChangeTracker + ?Sized + 'static>(
                         .write_bitmap(&pending_file(inflight.cycle), &bitmap)?;
                     true
                 }
-                Err(e) => return Err(Error::Object { key, source: e }),
+                // The torn remains of this attempt's manifest put (or a damaged read): the cycle
+                // did not commit here. Its number is given up below, so the next attempt does not
+                // collide with the object, and garbage collection removes it.
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "the in-flight cycle's manifest does not verify: not committed");
+                    false
+                }
             }
         }
         Err(e) if e.is_not_found() => false,
@@ -489,11 +495,22 @@ async fn settle_in_flight<T: ChangeTracker + ?Sized + 'static>(
             base_cycle: inflight.base_cycle,
             epoch: inflight.epoch,
         });
+    }
+    // An attempt that did not commit but left a manifest (a torn put, a damaged read) gives its
+    // cycle number up: a new attempt could not replace the object, and the target may already
+    // have failed it.
+    if committed || manifest_left(sink, &disk, inflight.cycle).await {
         src.state.next_cycle = inflight.cycle + 1;
     }
     // Blobs of an attempt that did not commit are removed by the garbage collection that follows.
     src.state.in_flight = None;
     src.save()
+}
+
+/// Whether a failed attempt may have left a manifest under `cycle` (anything but a clear "not
+/// found" counts): its number must then not be used again.
+async fn manifest_left(sink: &dyn Sink, disk: &DiskId, cycle: u64) -> bool {
+    !matches!(sink.get(&layout::manifest_key(disk, cycle)).await, Err(e) if e.is_not_found())
 }
 
 /// Cuts a cycle's extents into blobs of at most `span_sectors` sectors and `extents_max`
@@ -740,9 +757,13 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
             }))
         }
         Err(e) => {
-            // Nothing of this attempt is visible without its manifest; its sectors go back, and
-            // its blobs are removed by the next ship's garbage collection.
+            // Its sectors go back, and its blobs are removed by the next ship's garbage
+            // collection. A failed manifest put may still have stored the manifest, whole or
+            // torn: then the cycle number is given up, as in `settle_in_flight`.
             src.tracker.release(false)?;
+            if manifest_left(sink, &disk, cycle).await {
+                src.state.next_cycle = cycle + 1;
+            }
             src.state.in_flight = None;
             src.save()?;
             Err(e)
@@ -1006,7 +1027,11 @@ async fn resync_cycle<T: ChangeTracker + ?Sized + 'static>(
             ));
         }
         Err(e) => {
+            // As in `ship_cycle`.
             src.tracker.release(false)?;
+            if manifest_left(sink, &src.disk_id, cycle).await {
+                src.state.next_cycle = cycle + 1;
+            }
             src.state.in_flight = None;
             src.save()?;
             return Err(e);

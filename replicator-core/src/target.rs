@@ -469,6 +469,11 @@ async fn answer_resync<D: BlockDevice>(
     cat.save(&path)?;
     t.dir.remove(CATALOG_DIRTY_FILE)?;
     let number = t.state.catalogs_published + 1;
+    // Persisted before the put: a put that fails may still have stored the catalog (a lost
+    // acknowledgement), and a source that read it skips every catalog numbered up to it, so the
+    // number must not be used again.
+    t.state.catalogs_published = number;
+    t.save()?;
     let key = layout::catalog_key(&disk, number);
     let salt = crate::error::fresh_salt()?;
     let session = Session::new(disk_key, disk, number, 0, salt);

@@ -647,3 +647,25 @@ async fn a_torn_upload_or_a_corrupted_read_is_caught_by_authentication_and_heals
     assert!(w.identical());
     Ok(())
 }
+
+/// Found by the simulation: a torn manifest put left an object under the cycle number, and every
+/// later attempt's create-only manifest put collided with it, forever.
+#[tokio::test]
+async fn a_torn_manifest_put_does_not_stall_later_cycles() -> anyhow::Result<()> {
+    for fault in [Fault::TornPut, Fault::LostAck] {
+        let mut w = World::new(31)?;
+        w.ship().await?;
+        w.hydrate().await?;
+        w.churn(20)?;
+        w.fault(OpKind::Put, fault, "manifests", 1)?;
+        assert!(w.ship().await.is_err(), "{fault:?}: the manifest put fails");
+        w.hydrate().await?;
+        w.churn(20)?;
+        for _ in 0..4 {
+            let _ = w.ship_outcome().await?;
+            w.hydrate().await?;
+        }
+        assert!(w.identical(), "{fault:?}: the disks converge");
+    }
+    Ok(())
+}

@@ -440,6 +440,10 @@ impl<D: BlockDevice> ChangeTracker for CbtTracker<D> {
                 self.name, f.epoch
             )));
         }
+        // What the cycle ships must be durable on the source first: once the freeze checkpoints,
+        // the marks are gone, and a crash that dropped a cached write would leave the target
+        // holding data the source no longer has, with nothing marked to repair it.
+        self.dev.flush()?;
         let sectors = inner.current.disk_sectors();
         if inner.lost.is_some() {
             inner.current = SectorBitmap::full(sectors);
