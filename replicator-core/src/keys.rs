@@ -157,12 +157,10 @@ fn hkdf_from_prk(prk: &[u8; 32]) -> Hkdf<Sha256> {
     }
 }
 
-/// Best-effort wipe of secret bytes when a key is dropped. Without `unsafe`
-/// volatile writes this cannot be guaranteed, so `black_box` is used to keep
-/// the compiler from discarding the stores.
+/// Wipes secret bytes when a key is dropped, with the `zeroize` crate's volatile writes, which
+/// the compiler may not discard.
 fn wipe(bytes: &mut [u8]) {
-    bytes.fill(0);
-    std::hint::black_box(bytes);
+    zeroize::Zeroize::zeroize(bytes);
 }
 
 // ---------------------------------------------------------------------------
