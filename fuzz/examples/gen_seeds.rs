@@ -320,4 +320,70 @@ fn main() {
             &checkpoint_bytes(&lost),
         );
     }
+
+    // --- kernel tracker and HRL tracker states (selector byte first) ----------
+    {
+        use replicator_core::device::{BlockDevice, MemDevice};
+        use replicator_core::tracker::hrl::{HrlConfig, HrlTracker};
+        use replicator_core::tracker::kernel_state::{
+            DeviceStamp, FrozenState, TrackState, WriteCounters, encode,
+        };
+        use replicator_core::tracker::{ChangeTracker, Generation};
+        let mut current = SectorBitmap::new(2048);
+        current.mark_sectors(8, 24).expect("mark");
+        let mut frozen = SectorBitmap::new(2048);
+        frozen.mark_sectors(1000, 1).expect("mark");
+        let state = TrackState {
+            generation: Generation([7; 16]),
+            epoch: 5,
+            acked_epoch: 3,
+            lost: Some("events were dropped".into()),
+            clean_stop: true,
+            device: DeviceStamp {
+                boot_id: [9; 16],
+                major: 7,
+                minor: 3,
+                size_bytes: 2048 * 512,
+                diskseq: 42,
+                counters: WriteCounters {
+                    writes: 1,
+                    sectors_written: 2,
+                    discards: 3,
+                    sectors_discarded: 4,
+                },
+                backing_file: Some("/tmp/src.img".into()),
+            },
+            current,
+            frozen: Some(FrozenState {
+                epoch: 4,
+                bitmap: frozen,
+                lost: true,
+            }),
+        };
+        write(
+            &seeds,
+            "decode_tracker_states",
+            "ktrack.state",
+            &[vec![0u8], encode(&state)].concat(),
+        );
+        // A real hrl.state: a tracker with a frozen epoch and marks.
+        let dir = std::env::temp_dir().join(format!("replicator-seed-hrl-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        {
+            let dev = MemDevice::new("seed", 1 << 20);
+            let (t, _) = HrlTracker::open(dev, &dir, HrlConfig::default()).expect("hrl");
+            t.write_at(&[5u8; 4096], 8192).expect("write");
+            t.freeze().expect("freeze");
+            t.write_at(&[6u8; 512], 0).expect("write");
+            t.checkpoint().expect("checkpoint");
+        }
+        let hrl_state = fs::read(dir.join("hrl.state")).expect("hrl.state");
+        let _ = fs::remove_dir_all(&dir);
+        write(
+            &seeds,
+            "decode_tracker_states",
+            "hrl.state",
+            &[vec![1u8], hrl_state].concat(),
+        );
+    }
 }

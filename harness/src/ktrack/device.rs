@@ -7,30 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-/// The block device counters that move when data changes, from `/sys/dev/block/M:m/stat`
-/// (fields 5, 7, 12 and 14: writes completed, sectors written, discards completed, sectors
-/// discarded). Write-zeroes requests count as writes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct WriteCounters {
-    /// Write requests completed.
-    pub writes: u64,
-    /// Sectors written.
-    pub sectors_written: u64,
-    /// Discard requests completed.
-    pub discards: u64,
-    /// Sectors discarded.
-    pub sectors_discarded: u64,
-}
-
-impl std::fmt::Display for WriteCounters {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} writes / {} sectors written, {} discards / {} sectors discarded",
-            self.writes, self.sectors_written, self.discards, self.sectors_discarded
-        )
-    }
-}
+pub use replicator_core::tracker::kernel_state::WriteCounters;
 
 /// Parses the contents of a block device's `stat` file.
 pub fn parse_stat(text: &str) -> Result<WriteCounters> {

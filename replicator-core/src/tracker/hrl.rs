@@ -1685,6 +1685,12 @@ fn encode_state(s: &State) -> Vec<u8> {
 
 /// Decodes `hrl.state`. Damage is [`Error::State`] naming the file and offset; a state for
 /// another disk size is [`Error::InvalidInput`].
+/// Parses `hrl.state` bytes for a disk of `disk_bytes` and encodes what it read again (public
+/// for the fuzz target: the result must parse to the same bytes once more).
+pub fn reencode_state(bytes: &[u8], disk_bytes: u64) -> Result<Vec<u8>> {
+    decode_state(bytes, Path::new(STATE_FILE), disk_bytes).map(|s| encode_state(&s))
+}
+
 fn decode_state(bytes: &[u8], path: &Path, disk_bytes: u64) -> Result<State> {
     let bad = |at: usize, why: &str| {
         Error::state(

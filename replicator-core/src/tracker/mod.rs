@@ -43,6 +43,7 @@ use crate::error::{Error, Result};
 pub mod cbt;
 pub mod conformance;
 pub mod hrl;
+pub mod kernel_state;
 
 pub use cbt::{CbtTracker, TrackerConfig};
 pub use hrl::{HrlConfig, HrlTracker, LogLimit};
