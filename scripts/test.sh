@@ -106,6 +106,10 @@ if ((quick == 0)); then
     step "benchmarks compile and run once (criterion --test)"
     cargo bench -p replicator-benches --locked -- --test
 
+    step "deterministic simulation: ${SIM_SEEDS:=24} seeds, release build, with its figures"
+    # The nextest run above already ran the fixed seeds in debug; this prints the rate.
+    cargo run -p replicator-sim --release --locked --quiet -- --seeds "$SIM_SEEDS" --steps 200
+
     step "fuzz smoke"
     scripts/fuzz-smoke.sh
 fi
