@@ -50,6 +50,9 @@ fn assess_measures_an_fio_load_of_known_rate_and_gives_the_tier_verdict() -> Res
     let mut fio = Command::new("fio")
         .args([
             "--name=known-rate",
+            // One process: killing it stops the writer (a forked job would outlive it and keep
+            // the loop device open past its detach).
+            "--thread",
             &format!("--filename={}", dev.0),
             "--rw=randwrite",
             "--bs=16k",
