@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::bitmap::{Extent, SECTOR_SIZE, SectorBitmap};
-use crate::device::{BlockDevice, DeviceError, DeviceOp, check_range};
+use crate::device::{BlockDevice, DeviceOp, check_range};
 use crate::error::{Error, Result};
 use crate::state::write_atomic;
 pub use crate::tracker::OpenReport;
@@ -567,44 +567,7 @@ impl<D: BlockDevice> ChangeTracker for CbtTracker<D> {
     }
 }
 
-fn to_device_error(name: &str, op: DeviceOp, offset: u64, len: u64, e: Error) -> DeviceError {
-    match e {
-        Error::Device(d) => d,
-        other => DeviceError::new(name, op, offset, len, other.to_string()),
-    }
-}
-
-impl<D: BlockDevice> BlockDevice for CbtTracker<D> {
-    fn name(&self) -> &str {
-        self.dev.name()
-    }
-
-    fn size_bytes(&self) -> u64 {
-        self.dev.size_bytes()
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> std::result::Result<(), DeviceError> {
-        self.dev.read_at(buf, offset_bytes)
-    }
-
-    fn write_at(&self, buf: &[u8], offset_bytes: u64) -> std::result::Result<(), DeviceError> {
-        self.write_tracked(buf, offset_bytes)
-            .map(|_| ())
-            .map_err(|e| {
-                to_device_error(
-                    &self.name,
-                    DeviceOp::Write,
-                    offset_bytes,
-                    buf.len() as u64,
-                    e,
-                )
-            })
-    }
-
-    fn flush(&self) -> std::result::Result<(), DeviceError> {
-        self.dev.flush()
-    }
-}
+super::write_through_device!(CbtTracker);
 
 fn al_record(region: u64) -> [u8; AL_RECORD_LEN] {
     let mut r = [0u8; AL_RECORD_LEN];

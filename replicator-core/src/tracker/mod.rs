@@ -40,6 +40,55 @@ use std::str::FromStr;
 use crate::bitmap::SectorBitmap;
 use crate::error::{Error, Result};
 
+/// Implements [`BlockDevice`](crate::device::BlockDevice) for a tracker that writes pass
+/// through: reads, size and flush go to its `dev`; writes go through its `write_tracked`, and a
+/// tracker error becomes a device error naming the tracker.
+macro_rules! write_through_device {
+    ($tracker:ident) => {
+        impl<D: $crate::device::BlockDevice> $crate::device::BlockDevice for $tracker<D> {
+            fn name(&self) -> &str {
+                self.dev.name()
+            }
+
+            fn size_bytes(&self) -> u64 {
+                self.dev.size_bytes()
+            }
+
+            fn read_at(
+                &self,
+                buf: &mut [u8],
+                offset_bytes: u64,
+            ) -> std::result::Result<(), $crate::device::DeviceError> {
+                self.dev.read_at(buf, offset_bytes)
+            }
+
+            fn write_at(
+                &self,
+                buf: &[u8],
+                offset_bytes: u64,
+            ) -> std::result::Result<(), $crate::device::DeviceError> {
+                self.write_tracked(buf, offset_bytes)
+                    .map(|_| ())
+                    .map_err(|e| match e {
+                        $crate::error::Error::Device(d) => d,
+                        other => $crate::device::DeviceError::new(
+                            &self.name,
+                            $crate::device::DeviceOp::Write,
+                            offset_bytes,
+                            buf.len() as u64,
+                            other.to_string(),
+                        ),
+                    })
+            }
+
+            fn flush(&self) -> std::result::Result<(), $crate::device::DeviceError> {
+                self.dev.flush()
+            }
+        }
+    };
+}
+use write_through_device;
+
 pub mod cbt;
 pub mod conformance;
 pub mod hrl;
