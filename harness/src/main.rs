@@ -10,6 +10,7 @@ mod demo;
 mod ktrack;
 mod loopdev;
 mod memory;
+mod scenario;
 mod sinks;
 mod table;
 mod trackers;
@@ -74,6 +75,9 @@ enum Command {
     /// Sample block devices' write counters and say, per disk, whether its churn fits the
     /// replication tiers (P95 of 10-minute peaks x 1.3 against per-disk and per-VM limits).
     Assess(assess::AssessArgs),
+    /// Run a scenario file (TOML, see docs/SCENARIOS.md): disks, workloads, cycles, faults and
+    /// expectations; writes a JSON report and a summary, exits 1 naming any failed expectation.
+    Scenario(scenario::ScenarioArgs),
 }
 
 fn main() -> ExitCode {
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
             Command::Gc(args) => commands::gc(args).await,
             Command::Track(args) => ktrack::run(args).await,
             Command::Assess(args) => assess::run(args).await,
+            Command::Scenario(args) => scenario::run(args).await,
         }
     });
     if report_memory && let Some(peak) = memory::peak_rss_bytes() {
