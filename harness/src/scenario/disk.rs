@@ -32,6 +32,9 @@ use crate::workload::{self, fill_image, run_pattern};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StepKind {
+    /// The workloads before a delta cycle: run on every disk before any ships, so that the
+    /// disks' cycles start together and share the bandwidth from the start.
+    Writes,
     /// Cycle 0: the initial full copy.
     Initial,
     /// A delta cycle after the scenario's workloads.
@@ -115,6 +118,8 @@ pub struct Disk {
     pub target_dev: PathBuf,
     dir: PathBuf,
     log_cursor: u64,
+    /// Bytes written by the last `Writes` step and how long it took, for the next cycle.
+    written: (u64, f64),
     pub records: Vec<CycleRecord>,
     pub events: Vec<FaultEvent>,
     /// The final comparison: identical, differing bytes, and qemu-img's verdict if asked.
@@ -211,6 +216,7 @@ impl Disk {
             target_dev,
             dir,
             log_cursor: 0,
+            written: (0, 0.0),
             records: Vec::new(),
             events: Vec::new(),
             final_identical: None,
@@ -296,24 +302,27 @@ impl Disk {
         faults: &[DiskFault],
     ) -> Result<()> {
         let bar = ctx.bars.disk(&self.name);
-        if kind == StepKind::Final {
-            return self.final_check(ctx, &bar);
+        match kind {
+            StepKind::Final => return self.final_check(ctx, &bar),
+            StepKind::Writes => {
+                let t0 = ctx.clock.now();
+                let bytes = self.run_workloads(ctx, step, &bar)?;
+                self.written = (bytes, secs(ctx.clock.now().since(t0)));
+                return Ok(());
+            }
+            StepKind::Initial | StepKind::Delta | StepKind::Heal => {}
         }
         let mut rec = CycleRecord {
             step,
             kind: match kind {
                 StepKind::Initial => "initial",
                 StepKind::Delta => "delta",
-                StepKind::Heal | StepKind::Final => "heal",
+                StepKind::Heal | StepKind::Final | StepKind::Writes => "heal",
             }
             .to_owned(),
             ..CycleRecord::default()
         };
-        if kind == StepKind::Delta {
-            let t0 = ctx.clock.now();
-            rec.workload_bytes = self.run_workloads(ctx, step, &bar)?;
-            rec.workload_s = secs(ctx.clock.now().since(t0));
-        }
+        (rec.workload_bytes, rec.workload_s) = std::mem::take(&mut self.written);
 
         // Ship, after a killed attempt if one is planned.
         if let Some(f) = faults.iter().find(|f| f.is_kill(spec::Side::Ship)) {

@@ -22,7 +22,8 @@ pub fn run(job: &FioJob, seed: u64, device: &Path, workdir: &Path) -> Result<u64
         .arg(format!("--iodepth={}", job.iodepth))
         .arg("--ioengine=libaio")
         .arg(format!("--direct={}", u8::from(job.direct)))
-        .arg(format!("--randseed={seed}"))
+        // fio takes a seed below 2^32.
+        .arg(format!("--randseed={}", seed & 0xffff_ffff))
         .arg("--allrandrepeat=1")
         .arg("--end_fsync=1")
         .arg("--output-format=json");

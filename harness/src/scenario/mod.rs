@@ -225,6 +225,9 @@ async fn execute(scenario: Scenario, file: &Path, work: &Path, bars: MultiBars) 
         } else {
             StepKind::Delta
         };
+        if kind == StepKind::Delta {
+            disks = each_disk(disks, &ctx, &limit, &plan, step, StepKind::Writes, |_| true).await?;
+        }
         plan.arm_cycle(&ctx, &disks, step)?;
         disks = each_disk(disks, &ctx, &limit, &plan, step, kind, |_| true).await?;
         plan.disarm_cycle(&ctx);
@@ -288,7 +291,10 @@ async fn each_disk(
             continue;
         }
         let ctx = Arc::clone(ctx);
-        let faults = plan.for_disk(&d.name, step);
+        let faults = match kind {
+            StepKind::Initial | StepKind::Delta => plan.for_disk(&d.name, step),
+            StepKind::Writes | StepKind::Heal | StepKind::Final => Vec::new(),
+        };
         let permit = Arc::clone(limit).acquire_owned().await?;
         handles.push(tokio::task::spawn_blocking(move || {
             let _permit = permit;
