@@ -1,4 +1,6 @@
-//! The single-step commands: keygen, ship, hydrate, verify, status, write.
+//! The single-step commands: keygen, ship, hydrate, verify, status, write. With `--json`, ship,
+//! hydrate, verify and status print one JSON object (per cycle, with `ship --follow`) on stdout
+//! instead of their lines of text.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -21,6 +23,7 @@ use replicator_core::target::{
 };
 use replicator_core::verify::verify_devices;
 use replicator_sink::Sink;
+use serde_json::{Value, json};
 
 use crate::bars::Bars;
 use crate::sinks::SinkArgs;
@@ -166,6 +169,79 @@ pub struct ShipArgs {
     /// Block size of the resync's digests, in bytes (a power of two, 4 KiB to 64 MiB).
     #[arg(long, default_value_t = 65536)]
     resync_block_size: u32,
+    /// Print the outcome as one JSON object on stdout (one per line with --follow); notes go
+    /// to stderr.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A line for people: on stdout, or on stderr when stdout carries JSON.
+fn say(json: bool, line: &str) {
+    if json {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+    }
+}
+
+/// A ship outcome as JSON.
+pub fn ship_json(outcome: &ShipOutcome) -> Value {
+    match outcome {
+        ShipOutcome::Shipped(r) => json!({
+            "outcome": "shipped",
+            "cycle": r.cycle,
+            "base_cycle": r.base_cycle,
+            "kind": match (&r.resync, r.initial) {
+                (Some(_), _) => "checksum resync",
+                (None, true) => "initial",
+                (None, false) => "delta",
+            },
+            "epoch": r.epoch,
+            "changed_bytes": r.changed_bytes(),
+            "zero_bytes": r.zero_bytes,
+            "blob_count": r.blob_count,
+            "stored_bytes": r.stored_bytes,
+            "compression_ratio": (r.stored_bytes > 0)
+                .then(|| r.changed_bytes() as f64 / r.stored_bytes as f64),
+            "duration_s": r.finished.since(r.started).as_secs_f64(),
+            "churn_bytes_per_s": r.churn_bytes_per_s(),
+            "interval_ms": r.interval_ms,
+            "fold_ratio": r.fold_ratio(),
+            "acked": r.acked,
+            "carried_from_failed": r.carried_from_failed,
+            "resync": r.resync.as_ref().map(|x| json!({
+                "reason": x.reason,
+                "target_cycle": x.target_cycle,
+                "block_bytes": x.block_bytes,
+                "bytes_read": x.bytes_read,
+                "bytes_compared": x.bytes_compared,
+                "blocks_differing": x.blocks_differing,
+                "bytes_differing": x.bytes_differing,
+                "superseded": x.superseded,
+            })),
+        }),
+        ShipOutcome::AwaitingCatalog { reason, request } => json!({
+            "outcome": "awaiting catalog",
+            "reason": reason.to_string(),
+            "request": request,
+        }),
+    }
+}
+
+/// Prints a ship outcome as text or as one JSON line (with the cache's metrics).
+fn report_outcome(outcome: &ShipOutcome, json: bool, cache: Option<&str>) {
+    if json {
+        let mut v = ship_json(outcome);
+        if let (Some(c), Some(o)) = (cache, v.as_object_mut()) {
+            o.insert("cache".into(), Value::from(c));
+        }
+        println!("{v}");
+        return;
+    }
+    print_outcome(outcome);
+    if let Some(c) = cache {
+        println!("cache: {c}");
+    }
 }
 
 fn print_outcome(outcome: &ShipOutcome) {
@@ -245,11 +321,12 @@ pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
         );
     }
     if let Some(reason) = &report.lost {
-        println!(
+        let note = format!(
             "note: the {} tracker lost track of changes ({reason}); a checksum resync against \
              the target's digests replaces the next delta",
             source.tracker().kind()
         );
+        say(args.json, &note);
     }
     let cfg = ShipConfig {
         zstd_level: args.zstd_level,
@@ -263,8 +340,7 @@ pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
     let clock = SystemClock;
     if !args.follow {
         let r = ship_cycle(&mut source, sink.as_ref(), &key, &clock, &cfg, &bars).await?;
-        print_outcome(&r);
-        println!("cache: {}", stack.report());
+        report_outcome(&r, args.json, Some(&stack.report()));
         return Ok(ExitCode::SUCCESS);
     }
     let policy = SchedulePolicy::default();
@@ -274,7 +350,7 @@ pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
         tokio::select! {
             _ = clock.sleep_until(at) => {}
             _ = &mut interrupts => {
-                println!("stopped between cycles; the state is saved");
+                say(args.json, "stopped between cycles; the state is saved");
                 return Ok(ExitCode::SUCCESS);
             }
         }
@@ -282,13 +358,13 @@ pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
         let result = tokio::select! {
             r = ship_cycle(&mut source, sink.as_ref(), &key, &clock, &cfg, &bars) => r,
             _ = &mut interrupts => {
-                println!("interrupted mid-cycle: the cycle is abandoned (no manifest was written); its sectors ship next time");
+                say(args.json, "interrupted mid-cycle: the cycle is abandoned (no manifest was written); its sectors ship next time");
                 return Ok(ExitCode::SUCCESS);
             }
         };
         let ok = match &result {
             Ok(r) => {
-                print_outcome(r);
+                report_outcome(r, args.json, None);
                 // Waiting for the target's catalog: try again at the retry interval.
                 r.shipped().is_some()
             }
@@ -307,9 +383,12 @@ pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
             && at > finished
         {
             // The gap the schedule chose, from the end of this cycle.
-            println!(
-                "next {kind:?} cycle in {}",
-                table::duration(at.since(finished))
+            say(
+                args.json,
+                &format!(
+                    "next {kind:?} cycle in {}",
+                    table::duration(at.since(finished))
+                ),
             );
         }
         interrupts = Box::pin(tokio::signal::ctrl_c());
@@ -340,6 +419,38 @@ pub struct HydrateArgs {
     /// digest catalog (use it when the target may have been written outside replication).
     #[arg(long)]
     reread_catalog: bool,
+    /// Print the outcome as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A hydrate report as JSON.
+pub fn hydrate_json(r: &HydrateReport) -> Value {
+    json!({
+        "applied": r.applied.iter().map(|a| json!({
+            "cycle": a.cycle,
+            "base_cycle": a.base_cycle,
+            "bytes_written": a.sectors_written * 512,
+            "blob_count": a.blob_count,
+            "blob_bytes": a.blob_bytes,
+            "duration_s": a.finished.since(a.started).as_secs_f64(),
+            "reconciled": true,
+        })).collect::<Vec<_>>(),
+        "failed": r.failed.as_ref().map(|f| json!({
+            "cycle": f.cycle,
+            "error": f.error.to_string(),
+        })),
+        "committed_cycle": r.committed_cycle,
+        "waiting_cycles": r.waiting_cycles,
+        "catalog": r.catalog.as_ref().map(|c| json!({
+            "number": c.number,
+            "answers_request": c.answers_request,
+            "committed_cycle": c.committed_cycle,
+            "block_bytes": c.block_bytes,
+            "blocks": c.blocks,
+            "bytes_read": c.bytes_read,
+        })),
+    })
 }
 
 /// Finds which disk a target state directory follows.
@@ -443,7 +554,17 @@ pub async fn hydrate(args: HydrateArgs) -> Result<ExitCode> {
         &bars,
     )
     .await?;
-    if print_hydrate(&r) {
+    let failed = if args.json {
+        let mut v = hydrate_json(&r);
+        if let Some(o) = v.as_object_mut() {
+            o.insert("cache".into(), Value::from(stack.report()));
+        }
+        println!("{v}");
+        r.failed.is_some()
+    } else {
+        print_hydrate(&r)
+    };
+    if failed {
         return Err(anyhow::Error::new(Failed(format!(
             "cycle {} failed",
             r.failed.as_ref().map_or(0, |f| f.cycle)
@@ -452,14 +573,32 @@ pub async fn hydrate(args: HydrateArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `harness verify`.
-pub fn verify(source: &Path, target: &Path) -> Result<ExitCode> {
+/// `harness verify`; with `json`, the result as one JSON object.
+pub fn verify(source: &Path, target: &Path, json: bool) -> Result<ExitCode> {
     let a = FileDevice::open_read_only(source)
         .map_err(|e| usage(format!("cannot open the source: {e}")))?;
     let b = FileDevice::open_read_only(target)
         .map_err(|e| usage(format!("cannot open the target: {e}")))?;
     let bars = Bars::new(false);
     let r = verify_devices(&a, &b, &bars)?;
+    if json {
+        println!(
+            "{}",
+            json!({
+                "identical": r.identical(),
+                "compared_bytes": r.compared_bytes,
+                "differing_bytes": r.differing_bytes,
+                "first_differences": r.first_differences.iter().map(|d| json!({
+                    "offset_bytes": d.offset_bytes,
+                    "len_bytes": d.len_bytes,
+                })).collect::<Vec<_>>(),
+            })
+        );
+        if r.identical() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        return Err(anyhow::Error::new(Failed("the disks differ".into())));
+    }
     if r.identical() {
         println!("identical: {} compared", table::bytes(r.compared_bytes));
         return Ok(ExitCode::SUCCESS);
@@ -492,6 +631,36 @@ pub struct StatusArgs {
     /// saved).
     #[arg(long)]
     tracker_state: Option<PathBuf>,
+    /// Print the state as one JSON object: `source` and `target` (the state files' fields),
+    /// `kernel_tracker` (the running tracker's figures), `cache_cycles`.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A kernel tracker's state directory as JSON: the running daemon's figures, or that none runs.
+fn kernel_json(dir: &Path) -> Value {
+    match crate::ktrack::client::query_status(dir) {
+        Ok(info) => json!({ "running": true, "state_dir": dir, "info": info }),
+        Err(_) => json!({
+            "running": false,
+            "state_dir": dir,
+            "state_file_present": dir.join(crate::ktrack::state::STATE_FILE).exists(),
+        }),
+    }
+}
+
+async fn cache_cycles(url: String, disk: &str) -> Result<Vec<u64>> {
+    let sink = crate::sinks::open(&[url], None, "UTC", 1, None)?.sink;
+    let id: DiskId = disk
+        .parse()
+        .map_err(|e| usage(format!("bad disk id: {e}")))?;
+    let manifests = sink
+        .list(&replicator_core::layout::manifests_prefix(&id))
+        .await?;
+    Ok(manifests
+        .iter()
+        .filter_map(|m| replicator_core::layout::cycle_of_key(&m.key))
+        .collect())
 }
 
 /// `harness status`.
@@ -504,6 +673,31 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
             "{} holds no source, target or kernel tracker state",
             args.state.display()
         )));
+    }
+    if args.json {
+        let disk = source
+            .as_ref()
+            .map(|s| s.disk_id.clone())
+            .or_else(|| target.as_ref().map(|t| t.disk_id.clone()));
+        let cycles = match (args.sink, &disk) {
+            (Some(url), Some(d)) => Some(cache_cycles(url, d).await?),
+            _ => None,
+        };
+        let tracker_dir = args
+            .tracker_state
+            .clone()
+            .or_else(|| kernel.then(|| args.state.clone()));
+        println!(
+            "{}",
+            json!({
+                "state_dir": args.state,
+                "source": source,
+                "target": target,
+                "kernel_tracker": tracker_dir.as_deref().map(kernel_json),
+                "cache_cycles": cycles,
+            })
+        );
+        return Ok(ExitCode::SUCCESS);
     }
     if kernel {
         crate::ktrack::status(&args.state)?;
@@ -557,21 +751,8 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
         crate::ktrack::status(dir)?;
     }
     if let (Some(url), Some(disk)) = (args.sink, disk) {
-        let sink = crate::sinks::open(&[url], None, "UTC", 1, None)?.sink;
-        let id: DiskId = disk
-            .parse()
-            .map_err(|e| usage(format!("bad disk id: {e}")))?;
-        let manifests = sink
-            .list(&replicator_core::layout::manifests_prefix(&id))
-            .await?;
-        let cycles: Vec<u64> = manifests
-            .iter()
-            .filter_map(|m| replicator_core::layout::cycle_of_key(&m.key))
-            .collect();
-        println!(
-            "cache {}: committed cycles present {cycles:?}",
-            sink.describe()
-        );
+        let cycles = cache_cycles(url.clone(), &disk).await?;
+        println!("cache {url}: committed cycles present {cycles:?}");
     }
     Ok(ExitCode::SUCCESS)
 }

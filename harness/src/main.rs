@@ -60,6 +60,9 @@ enum Command {
         /// The target file or block device.
         #[arg(long)]
         target: PathBuf,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the replication state of a source, target or kernel tracker state directory: cycles,
     /// the tracker kind, and whether tracking is lost.
@@ -108,7 +111,11 @@ fn main() -> ExitCode {
             Command::Keygen { out } => commands::keygen(&out),
             Command::Ship(args) => commands::ship(args).await,
             Command::Hydrate(args) => commands::hydrate(args).await,
-            Command::Verify { source, target } => commands::verify(&source, &target),
+            Command::Verify {
+                source,
+                target,
+                json,
+            } => commands::verify(&source, &target, json),
             Command::Status(args) => commands::status(args).await,
             Command::Write(args) => commands::write(args),
             Command::Gc(args) => commands::gc(args).await,

@@ -999,6 +999,18 @@ bytes = "1M"
     }
 
     #[test]
+    fn the_documented_example_parses() -> Result<(), SpecError> {
+        let doc = include_str!("../../../docs/SCENARIOS.md");
+        let start = doc.find("```toml\n").map(|i| i + 8).unwrap_or(0);
+        let len = doc[start..].find("```").unwrap_or(0);
+        let s = parse(&doc[start..start + len], "docs/SCENARIOS.md")?;
+        assert_eq!(s.name, "example");
+        assert_eq!(s.disk_names().len(), 2);
+        assert_eq!(s.faults.len(), 1);
+        Ok(())
+    }
+
+    #[test]
     fn line_and_column_count_from_one() {
         assert_eq!(line_col("ab\ncd", 0), (1, 1));
         assert_eq!(line_col("ab\ncd", 4), (2, 2));
