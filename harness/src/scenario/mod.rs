@@ -17,6 +17,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, Result};
 use harness::scenario::spec::{self, Scenario};
@@ -54,6 +55,9 @@ pub struct ScenarioArgs {
 /// What every disk's steps share.
 pub(crate) struct Ctx {
     pub scenario: Scenario,
+    /// Disks in a step right now, and the most there ever were (checked against the limit).
+    pub busy: AtomicUsize,
+    pub busy_max: AtomicUsize,
     pub key: MasterKey,
     pub key_file: PathBuf,
     pub stack: SinkStack,
@@ -122,7 +126,16 @@ pub async fn run(args: ScenarioArgs) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| work.with_extension("json"));
     let bars = MultiBars::new(args.quiet || args.json);
-    let report = execute(scenario, &args.file, &work, bars).await?;
+    // On Ctrl-C the run stops: disks between steps are dropped at once, those in a step when it
+    // ends, and dropping a disk detaches its loop devices.
+    let report = tokio::select! {
+        r = execute(scenario, &args.file, &work, bars) => r?,
+        _ = tokio::signal::ctrl_c() => {
+            return Err(anyhow::Error::new(Failed(
+                "interrupted: the scenario stopped before its end".into(),
+            )));
+        }
+    };
     let json = serde_json::to_string_pretty(&report)?;
     std::fs::write(&report_path, format!("{json}\n"))
         .with_context(|| format!("writing the report {}", report_path.display()))?;
@@ -187,6 +200,8 @@ async fn execute(scenario: Scenario, file: &Path, work: &Path, bars: MultiBars) 
         runtime: tokio::runtime::Handle::current(),
         exe: std::env::current_exe().context("finding this program, to run sides as children")?,
         scenario,
+        busy: AtomicUsize::new(0),
+        busy_max: AtomicUsize::new(0),
     });
     let mut plan = faults::Plan::new(&ctx.scenario);
     let names = ctx.scenario.disk_names();
@@ -298,7 +313,10 @@ async fn each_disk(
         let permit = Arc::clone(limit).acquire_owned().await?;
         handles.push(tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            let now = ctx.busy.fetch_add(1, Ordering::SeqCst) + 1;
+            ctx.busy_max.fetch_max(now, Ordering::SeqCst);
             let r = d.step(&ctx, step, kind, &faults);
+            ctx.busy.fetch_sub(1, Ordering::SeqCst);
             (d, r)
         }));
     }

@@ -49,6 +49,8 @@ pub struct Totals {
     pub ship_errors: u64,
     pub hydrate_errors: u64,
     pub heal_rounds: u32,
+    /// The most disks that were in a step at once (never above the concurrency limit).
+    pub max_concurrent_disks: usize,
     pub duration_s: f64,
 }
 
@@ -104,6 +106,7 @@ impl Report {
         let mut totals = Totals {
             disks: disks.len(),
             heal_rounds,
+            max_concurrent_disks: ctx.busy_max.load(std::sync::atomic::Ordering::SeqCst),
             duration_s: took.as_secs_f64(),
             ..Totals::default()
         };
@@ -231,7 +234,7 @@ impl Report {
         let _ = writeln!(
             out,
             "total: {} cycles shipped, {} changed, {} stored (ratio {}), {} failed cycles, {} \
-             ship errors, {} hydrate errors, {} heal rounds, {}",
+             ship errors, {} hydrate errors, {} heal rounds, {} disks at once at most, {}",
             t.cycles_shipped,
             table::bytes(t.changed_bytes),
             table::bytes(t.stored_bytes),
@@ -241,6 +244,7 @@ impl Report {
             t.ship_errors,
             t.hydrate_errors,
             t.heal_rounds,
+            t.max_concurrent_disks,
             table::duration(Duration::from_secs_f64(t.duration_s))
         );
         for f in &self.faults {
@@ -337,6 +341,14 @@ fn expect(name: &str, expected: String, actual: String, passed: bool) -> Expecta
 fn check(ctx: &Ctx, r: &Report) -> Vec<Expectation> {
     let e = &ctx.scenario.expect;
     let mut out = Vec::new();
+    // Always checked: the runner kept to the concurrency limit.
+    let limit = ctx.scenario.concurrency as usize;
+    out.push(expect(
+        "concurrency",
+        format!("at most {limit} disks in a step at once"),
+        format!("at most {} at once", r.totals.max_concurrent_disks),
+        r.totals.max_concurrent_disks <= limit,
+    ));
     if e.identical {
         let differ: Vec<&str> = r
             .disks
