@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project on a fresh Debian 12 machine, as root.
 # It installs what the tests need, sets up what they use (loop devices), runs format, lint,
-# unit, property, end-to-end, CLI, golden-vector, kill -9 torture, benchmark-smoke and fuzz-smoke
-# checks, and leaves nothing behind (no loop device attached, no trace instance, no server
+# unit, property, end-to-end, CLI, scenario, golden-vector, kill -9 torture, benchmark-smoke and
+# fuzz-smoke checks, and leaves nothing behind (no loop device attached, no trace instance, no server
 # running: the tests start Azurite and Garage on free local ports and stop them by PID).
 #
 #   scripts/test.sh            everything
@@ -82,6 +82,9 @@ step "lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "tests"
+# The scenario files of scenarios/ run in this step too (harness/tests/scenarios.rs, in the
+# loop-devices test group): loop devices, the kernel tracker, fio and qemu-img, up to 128 loop
+# devices at once; each writes its JSON report and summary to the test's output.
 # nextest captures test output: the hostile cache table (replicator-core/tests/hostile_cache.rs)
 # is written to a file and shown here, also when a test failed.
 hostile_table="${CARGO_TARGET_DIR:-target}/hostile-cache-table.md"

@@ -467,6 +467,9 @@ impl Disk {
             let Some(pattern) = w.pattern else {
                 bail!("workload {i} has neither `pattern` nor `fio`");
             };
+            // With the workload generators merged, every pattern goes to
+            // `workload::run_workload(writer, &WorkloadSpec { pattern, bytes, ops,
+            // rate_bytes_per_s, seed, zipf_exponent })`, the same fields as here.
             let p = match pattern {
                 spec::Pattern::Innodb => workload::Pattern::Innodb,
                 spec::Pattern::Postgres => workload::Pattern::Postgres,
