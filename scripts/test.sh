@@ -84,7 +84,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "tests"
 # The scenario files of scenarios/ run in this step too (harness/tests/scenarios.rs, in the
 # loop-devices test group): loop devices, the kernel tracker, fio and qemu-img, up to 128 loop
-# devices at once; each writes its JSON report and summary to the test's output.
+# devices at once; a failing one prints its summary and names the failed expectations.
 # nextest captures test output: the hostile cache table (replicator-core/tests/hostile_cache.rs)
 # is written to a file and shown here, also when a test failed.
 hostile_table="${CARGO_TARGET_DIR:-target}/hostile-cache-table.md"

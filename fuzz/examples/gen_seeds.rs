@@ -269,6 +269,21 @@ fn main() {
         golden_disk().to_string().as_bytes(),
     );
 
+    // --- scenario files: the shipped scenarios, copied verbatim ---------------
+    let scenarios = fuzz.join("../scenarios");
+    let mut files: Vec<PathBuf> = fs::read_dir(&scenarios)
+        .expect("read scenarios/")
+        .map(|e| e.expect("scenarios/ entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    for path in files {
+        let text = fs::read_to_string(&path).expect("read scenario");
+        let name = path.file_name().expect("file name").to_string_lossy();
+        harness::scenario::spec::parse(&text, &name).expect("shipped scenario parses");
+        write(&seeds, "parse_scenario", &name, text.as_bytes());
+    }
+
     // --- structured targets: any bytes work; a few fixed ones ---------------
     for (i, len) in [64usize, 256, 1024].into_iter().enumerate() {
         let bytes = noise(len, 100 + i as u64);

@@ -864,12 +864,20 @@ impl Scenario {
         }
         match fault {
             Fault::SinkError {
-                probability, times, ..
+                probability,
+                times,
+                after,
+                ..
             } => {
-                if let Some(p) = probability
-                    && !(p.is_finite() && (0.0..=1.0).contains(p))
-                {
-                    return err(format!("`probability` {p} must be 0 to 1"));
+                if let Some(p) = probability {
+                    if !(p.is_finite() && (0.0..=1.0).contains(p)) {
+                        return err(format!("`probability` {p} must be 0 to 1"));
+                    }
+                    if *after != 0 || *times != 1 {
+                        return err(
+                            "give `probability` or `after`/`times` (a countdown), not both".into(),
+                        );
+                    }
                 }
                 if *times == 0 {
                     return err("`times` must be at least 1".into());
