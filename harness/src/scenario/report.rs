@@ -511,3 +511,70 @@ fn ship_spread(r: &Report) -> (f64, Option<u32>) {
     }
     worst
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(name: &str, cycles: Vec<CycleRecord>) -> DiskReport {
+        DiskReport {
+            name: name.into(),
+            disk_id: String::new(),
+            size_bytes: 0,
+            tracker: "cbt".into(),
+            backing: "file".into(),
+            source: String::new(),
+            target: String::new(),
+            cycles,
+            committed_cycle: 0,
+            identical: Some(true),
+            differing_bytes: 0,
+            qemu_img_identical: None,
+        }
+    }
+
+    fn delta(step: u32, changed: u64, ship_s: f64) -> CycleRecord {
+        CycleRecord {
+            step,
+            kind: "delta".into(),
+            cycle: Some(u64::from(step) + 1),
+            changed_bytes: changed,
+            ship_s,
+            ..CycleRecord::default()
+        }
+    }
+
+    fn report(disks: Vec<DiskReport>) -> Report {
+        Report {
+            scenario: "t".into(),
+            file: String::new(),
+            description: String::new(),
+            seed: 0,
+            work_dir: String::new(),
+            concurrency: 1,
+            throttle: None,
+            sink: String::new(),
+            disks,
+            totals: Totals::default(),
+            faults: Vec::new(),
+            cache_metrics: String::new(),
+            expectations: Vec::new(),
+            passed: false,
+        }
+    }
+
+    #[test]
+    fn the_ship_spread_compares_only_equal_deltas_of_one_step() {
+        let r = report(vec![
+            disk("a", vec![delta(1, 100, 1.0), delta(2, 100, 2.0)]),
+            disk("b", vec![delta(1, 100, 3.0), delta(2, 100, 2.5)]),
+            // Another delta size: not compared with the others.
+            disk("c", vec![delta(1, 999, 30.0), delta(2, 7, 0.1)]),
+        ]);
+        let (worst, step) = ship_spread(&r);
+        assert_eq!(step, Some(1));
+        assert!((worst - 3.0).abs() < 1e-9, "{worst}");
+        let alone = report(vec![disk("a", vec![delta(1, 100, 1.0)])]);
+        assert_eq!(ship_spread(&alone).1, None);
+    }
+}
