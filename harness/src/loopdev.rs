@@ -146,11 +146,13 @@ impl LoopDevice {
     /// Detaches now, reporting a failure (dropping detaches too, but can only log one).
     #[allow(dead_code)] // for callers that must know, like the scenario runner
     pub fn detach(self) -> Result<()> {
-        let entry = registry().remove(&self.id);
-        let result = match entry {
+        // Under the lock: a signal handler never exits between the removal and the detach.
+        let mut reg = registry();
+        let result = match reg.remove(&self.id) {
             Some(e) => detach_entry(&e),
             None => Ok(()),
         };
+        drop(reg);
         std::mem::forget(self);
         result
     }
@@ -158,8 +160,10 @@ impl LoopDevice {
 
 impl Drop for LoopDevice {
     fn drop(&mut self) {
-        // Gone from the registry: a signal or panic handler detached it already.
-        let Some(entry) = registry().remove(&self.id) else {
+        // Under the lock, as in `detach`. Gone from the registry: a signal or panic handler
+        // detached it already.
+        let mut reg = registry();
+        let Some(entry) = reg.remove(&self.id) else {
             return;
         };
         if let Err(e) = detach_entry(&entry) {
@@ -310,12 +314,9 @@ fn install_handlers() {
                 }
             }
         }));
-        let spawned = std::thread::Builder::new()
-            .name("loop-signals".into())
-            .spawn(signal_thread);
-        if let Err(e) = spawned {
+        if let Err(e) = start_signal_thread() {
             tracing::warn!(
-                "cannot start the signal thread ({e}): Ctrl-C would leave loop devices attached"
+                "cannot watch for SIGINT/SIGTERM ({e}): they would leave loop devices attached"
             );
         }
     });
@@ -333,37 +334,38 @@ fn report_exit(why: &str, (count, failures): (usize, Vec<String>)) {
     }
 }
 
-/// Waits for SIGINT or SIGTERM, detaches every registered device and exits with 128 + signal.
-fn signal_thread() {
+/// Registers for SIGINT and SIGTERM now (so none is missed once an attach returned) and starts
+/// the thread that waits for them.
+fn start_signal_thread() -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::warn!(
-                "cannot watch for signals ({e}): Ctrl-C would leave loop devices attached"
-            );
-            return;
-        }
+        .build()?;
+    let (int, term) = {
+        let _in_runtime = rt.enter();
+        (
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        )
     };
+    std::thread::Builder::new()
+        .name("loop-signals".into())
+        .spawn(move || signal_thread(rt, int, term))?;
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM, detaches every registered device and exits with 128 + signal.
+fn signal_thread(
+    rt: tokio::runtime::Runtime,
+    mut int: tokio::signal::unix::Signal,
+    mut term: tokio::signal::unix::Signal,
+) {
     let signo = rt.block_on(async {
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            tracing::warn!(
-                "cannot watch for SIGINT/SIGTERM: Ctrl-C would leave loop devices attached"
-            );
-            return None;
-        };
         tokio::select! {
-            _ = int.recv() => Some(libc::SIGINT),
-            _ = term.recv() => Some(libc::SIGTERM),
+            _ = int.recv() => libc::SIGINT,
+            _ = term.recv() => libc::SIGTERM,
         }
     });
-    let Some(signo) = signo else { return };
     let name = if signo == libc::SIGINT {
         "interrupted (SIGINT)"
     } else {

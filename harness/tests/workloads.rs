@@ -266,5 +266,17 @@ fn write_refuses_bad_workloads_with_messages() -> Result<()> {
     let (code, out) = run(&["--bytes", "1M", "--ops", "3"])?;
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("--ops"), "{out}");
+    // fio missing: the message says how to install it.
+    let o = Command::new(HARNESS)
+        .args(["write", "--source", &s(&src), "--state", &st])
+        .args(["--tracker", "kernel", "--fio", "randwrite"])
+        .env("PATH", dir.path())
+        .output()?;
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("fio is not installed") && out.contains("apt-get install -y"),
+        "{out}"
+    );
     Ok(())
 }
