@@ -21,6 +21,7 @@ use replicator_core::keys::MasterKey;
 use replicator_core::tracker::Generation;
 use replicator_core::tracker::hrl::{
     SegmentHeader, encode_data_record, encode_mark_record, encode_segment_header,
+    encode_zero_record,
 };
 use replicator_fuzz::{
     GOLDEN_ATTEMPT, GOLDEN_CYCLE, GOLDEN_SALT, Sealer, golden_disk, golden_disk_key, golden_expect,
@@ -246,6 +247,12 @@ fn main() {
     garbage.extend_from_slice(b"HRLR");
     garbage.extend_from_slice(&noise(60, 23));
     write(&seeds, "decode_hrl_log", "garbage_tail.bin", &garbage);
+    // A discard between two writes: a zero record, header only.
+    let mut zeroed = header.to_vec();
+    encode_data_record(&mut zeroed, 3, 0, &noise(4 * 512, 24));
+    encode_zero_record(&mut zeroed, 3, 512, 1 << 20);
+    encode_data_record(&mut zeroed, 3, 1024, &noise(512, 25));
+    write(&seeds, "decode_hrl_log", "zero_record.bin", &zeroed);
 
     // --- key files and disk ids ---------------------------------------------
     let master = MasterKey::from_bytes(golden_master_bytes());

@@ -11,8 +11,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use replicator_core::tracker::hrl::{
-    RECORD_DATA_BYTES_MAX, RECORD_KIND_DATA, RECORD_KIND_MARK, SEGMENT_HEADER_LEN,
-    decode_segment, encode_data_record, encode_mark_record, encode_segment_header,
+    RECORD_DATA_BYTES_MAX, RECORD_KIND_DATA, RECORD_KIND_MARK, RECORD_KIND_ZERO,
+    SEGMENT_HEADER_LEN, decode_segment, encode_data_record, encode_mark_record,
+    encode_segment_header, encode_zero_record,
 };
 
 /// The disk the records must fit (the seeds' records lie in its first MiB).
@@ -47,6 +48,7 @@ fuzz_target!(|data: &[u8]| {
                 encode_data_record(&mut again, r.epoch, r.offset_bytes, d);
             }
             RECORD_KIND_MARK => encode_mark_record(&mut again, r.epoch, r.offset_bytes, r.len_bytes),
+            RECORD_KIND_ZERO => encode_zero_record(&mut again, r.epoch, r.offset_bytes, r.len_bytes),
             k => panic!("record kind {k} decoded"),
         }
         pos += r.stored_len();

@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use replicator_core::ErrorKind;
 use replicator_core::clock::{Clock, SystemClock};
 use replicator_core::device::{BlockDevice, FileDevice};
@@ -26,10 +24,11 @@ use replicator_sink::Sink;
 use serde_json::{Value, json};
 
 use crate::bars::Bars;
+use crate::fio::{self, FioJob};
 use crate::sinks::SinkArgs;
 use crate::table;
 use crate::trackers::{TrackerArgs, TrackerKind, WriterTrackerArgs, open_source, open_writable};
-use crate::workload::{Pattern, run_pattern};
+use crate::workload::{Pattern, WorkloadSpec, run_workload};
 
 /// A usage or input problem: exit code 2.
 #[derive(Debug)]
@@ -768,15 +767,37 @@ pub struct WriteArgs {
     state: PathBuf,
     #[command(flatten)]
     tracker: WriterTrackerArgs,
-    /// The write pattern.
+    /// The write pattern: innodb (16 KiB random pages), postgres (8 KiB), log (sequential
+    /// appends), zipf (16 KiB pages, a hot spot), overwrite (the whole disk once), zero (pages of
+    /// zeros), discard (64 KiB-1 MiB discards).
     #[arg(long, value_enum, default_value_t = Pattern::Innodb)]
     pattern: Pattern,
-    /// Bytes to write, e.g. 64M, 1G.
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
-    bytes: u64,
+    /// Bytes to write or discard, e.g. 64M, 1G (default 64M unless --ops is given).
+    #[arg(long, value_parser = parse_size, conflicts_with = "ops")]
+    bytes: Option<u64>,
+    /// Operations (writes and discards) instead of bytes.
+    #[arg(long)]
+    ops: Option<u64>,
+    /// At most this many bytes per second, e.g. 8M (default: as fast as the disk goes).
+    #[arg(long, value_parser = parse_size)]
+    rate: Option<u64>,
     /// Seed of the write offsets and contents.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The zipf pattern's exponent (default 1.1).
+    #[arg(long)]
+    zipf_exponent: Option<f64>,
+    /// Run fio with this `rw` (randwrite, write, randrw, trim, randtrim, ...) instead of a
+    /// built-in pattern, over the first --bytes of the disk (default all of it). fio writes to
+    /// the device itself, so only the kernel tracker sees it: needs --tracker kernel.
+    #[arg(long, conflicts_with_all = ["ops", "zipf_exponent"])]
+    fio: Option<String>,
+    /// fio's block size.
+    #[arg(long, default_value = "16K", value_parser = parse_size, requires = "fio")]
+    fio_bs: u64,
+    /// fio's queue depth.
+    #[arg(long, default_value_t = 32, requires = "fio")]
+    fio_iodepth: u32,
 }
 
 /// Parses `4096`, `64K`, `16M`, `1G`, `2T` (binary units).
@@ -824,7 +845,8 @@ pub fn write(args: WriteArgs) -> Result<ExitCode> {
     {
         let hint = if kind == "kernel" {
             format!(
-                "the kernel tracker sees writes made by any program: write to {} directly",
+                "the kernel tracker sees writes made by any program: pass --tracker kernel to \
+                 write to {} directly",
                 args.source.display()
             )
         } else {
@@ -836,31 +858,104 @@ pub fn write(args: WriteArgs) -> Result<ExitCode> {
             args.state.display(),
         )));
     }
+    if let Some(rw) = &args.fio {
+        return write_fio(&args, rw, chosen);
+    }
+    let spec = WorkloadSpec {
+        pattern: args.pattern,
+        bytes: match (args.bytes, args.ops) {
+            (None, None) => Some(64 << 20),
+            (b, _) => b,
+        },
+        ops: args.ops,
+        rate_bytes_per_s: args.rate,
+        seed: args.seed,
+        zipf_exponent: args.zipf_exponent,
+    };
+    let disk = FileDevice::open_read_only(&args.source)
+        .map_err(|e| usage(format!("cannot open the source: {e}")))?
+        .size_bytes();
+    spec.validate(disk).map_err(|e| usage(format!("{e:#}")))?;
+    if chosen == TrackerKind::Kernel {
+        // Straight to the device, like any application: the running `harness track` sees it.
+        let device = FileDevice::open(&args.source)
+            .map_err(|e| usage(format!("cannot open the source: {e}")))?;
+        let r = run_workload(&device, &spec)
+            .with_context(|| format!("writing to {}", args.source.display()))?;
+        print_workload(&spec, &r);
+        println!("the kernel tracker marks what it saw for the next cycle");
+        return Ok(ExitCode::SUCCESS);
+    }
     let ((source, _), writer) = open_writable(
         chosen,
         args.tracker.tracker_state.as_deref(),
         &args.state,
         &args.source,
     )?;
-    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
-    let mut cursor = 0;
     let tracker = source.tracker();
-    let writes = run_pattern(
-        writer.as_ref(),
-        args.pattern,
-        args.bytes,
-        &mut rng,
-        &mut cursor,
-    )
-    .with_context(|| format!("writing to {}", args.source.display()))?;
-    writer.flush()?;
+    let r = run_workload(writer.as_ref(), &spec)
+        .with_context(|| format!("writing to {}", args.source.display()))?;
     tracker.checkpoint()?;
+    print_workload(&spec, &r);
     println!(
-        "wrote {} in {writes} {} writes; {} now marked for the next cycle",
-        table::bytes(args.bytes),
-        args.pattern.name(),
+        "{} now marked for the next cycle",
         table::bytes(tracker.current()?.count() * 512)
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_workload(spec: &WorkloadSpec, r: &crate::workload::WorkloadReport) {
+    let mut line = format!(
+        "wrote {} in {} {} writes",
+        table::bytes(r.bytes_written),
+        r.writes,
+        spec.pattern.name()
+    );
+    if r.discards > 0 {
+        line.push_str(&format!(
+            ", discarded {} in {} discards",
+            table::bytes(r.bytes_discarded),
+            r.discards
+        ));
+    }
+    println!("{line} in {} ms", r.elapsed_ms);
+}
+
+/// `harness write --fio RW`: fio on the device, seen by the kernel tracker.
+fn write_fio(args: &WriteArgs, rw: &str, tracker: TrackerKind) -> Result<ExitCode> {
+    if tracker != TrackerKind::Kernel {
+        return Err(usage(
+            "--fio writes to the device itself, which only the kernel tracker sees: pass \
+             --tracker kernel (with `harness track` running on the device)",
+        ));
+    }
+    let disk = FileDevice::open_read_only(&args.source)
+        .map_err(|e| usage(format!("cannot open the source: {e}")))?
+        .size_bytes();
+    let size = args.bytes.unwrap_or(disk).min(disk) / args.fio_bs * args.fio_bs;
+    let job = FioJob {
+        rw: rw.to_owned(),
+        bs: args.fio_bs,
+        size,
+        iodepth: args.fio_iodepth,
+        rate_bytes_per_s: args.rate,
+        runtime_s: None,
+        seed: args.seed,
+        direct: true,
+    };
+    job.validate().map_err(|e| usage(format!("{e:#}")))?;
+    let workdir = args.state.join("fio");
+    let r = fio::run(&job, &args.source, &workdir)?;
+    println!(
+        "fio {rw}: wrote {} in {} writes, trimmed {} in {} trims, in {} ms (job file {})",
+        table::bytes(r.bytes_written),
+        r.writes,
+        table::bytes(r.bytes_trimmed),
+        r.trims,
+        r.runtime_ms,
+        r.job_file.display()
+    );
+    println!("the kernel tracker marks what it saw for the next cycle");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -81,17 +81,25 @@ fn make_disks(dir: &Path, size: u64, use_loop: bool) -> Result<Disks> {
     }
     let src = dir.join("source.img");
     let tgt = dir.join("target.img");
-    FileDevice::create_sparse(&src, size)?;
-    FileDevice::create_sparse(&tgt, size)?;
     if !use_loop {
+        FileDevice::create_sparse(&src, size)?;
+        FileDevice::create_sparse(&tgt, size)?;
         return Ok(Disks {
             source: src,
             target: tgt,
             _loops: Vec::new(),
         });
     }
-    let ls = LoopDevice::attach(&src)?;
-    let lt = LoopDevice::attach(&tgt)?;
+    let ls = LoopDevice::create(&src, size)?;
+    let lt = LoopDevice::create(&tgt, size)?;
+    for l in [&ls, &lt] {
+        tracing::info!(
+            device = %l.path().display(),
+            backing = %l.backing().display(),
+            direct_io = l.direct_io(),
+            "attached a loop device"
+        );
+    }
     Ok(Disks {
         source: ls.path().to_path_buf(),
         target: lt.path().to_path_buf(),

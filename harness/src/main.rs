@@ -7,6 +7,7 @@ mod assess;
 mod bars;
 mod commands;
 mod demo;
+mod fio;
 mod ktrack;
 mod loopdev;
 mod memory;

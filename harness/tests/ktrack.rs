@@ -921,3 +921,88 @@ fn writes_in_flight_across_freezes_reach_the_target_by_the_final_sync() -> Resul
     setup.verify()?;
     Ok(())
 }
+
+#[test]
+fn built_in_workloads_and_fio_through_the_kernel_tracker_replicate_discards_and_zeros() -> Result<()>
+{
+    require_root_and(&["fio", "cmp", "losetup", "qemu-img"])?;
+    let size = 64 * MIB;
+    let setup = Setup::new(size)?;
+    let mut daemon = setup.track(&[])?;
+    setup.cycle("initial copy")?;
+    setup.verify()?;
+    let (sst, dev) = (s(&setup.p("sst")), setup.src.path());
+    let write = |extra: &[&str]| -> Result<String> {
+        let mut args = vec![
+            "write",
+            "--source",
+            &dev,
+            "--state",
+            &sst,
+            "--tracker",
+            "kernel",
+        ];
+        args.extend_from_slice(extra);
+        ok(&args)
+    };
+    // The whole disk first, so that discards and zero pages clear real data.
+    let out = write(&["--pattern", "overwrite", "--bytes", "1G", "--seed", "2"])?;
+    assert!(
+        out.contains("wrote 64.0 MiB in 64 full overwrite writes"),
+        "{out}"
+    );
+    let (changed, _) = setup.cycle("a full overwrite")?;
+    assert_eq!(changed, size);
+    setup.verify()?;
+
+    // Discards through FileDevice::discard (a write-zeroes bio the kernel may serve by
+    // unmapping), then zero pages and a zipf hot spot.
+    let out = write(&["--pattern", "discard", "--ops", "12", "--seed", "3"])?;
+    assert!(out.contains("in 12 discards"), "{out}");
+    let (changed, _) = setup.cycle("12 discards")?;
+    assert!(changed > 0 && changed <= 12 * MIB, "shipped {changed}");
+    setup.verify()?;
+    write(&["--pattern", "zero", "--ops", "100", "--seed", "4"])?;
+    write(&["--pattern", "zipf", "--ops", "300", "--seed", "5"])?;
+    let (changed, _) = setup.cycle("zero pages and a zipf hot spot")?;
+    assert!(
+        changed > 0 && changed <= 400 * 16 * 1024,
+        "shipped {changed}"
+    );
+    setup.verify()?;
+
+    // fio, from the job file the harness writes: random writes at depth, then trims
+    // (BLKDISCARD, a 'D' bio) of the first 8 MiB.
+    let out = write(&[
+        "--fio",
+        "randwrite",
+        "--bytes",
+        "16M",
+        "--fio-iodepth",
+        "16",
+    ])?;
+    assert!(out.contains("wrote 16.0 MiB in 1024 writes"), "{out}");
+    let job = std::fs::read_to_string(setup.p("sst").join("fio").join("harness.fio"))?;
+    assert!(
+        job.contains("rw=randwrite") && job.contains("iodepth=16"),
+        "{job}"
+    );
+    let (changed, _) = setup.cycle("fio random writes")?;
+    assert!(
+        (16 * MIB..=16 * MIB + MIB / 10).contains(&changed),
+        "shipped {changed}"
+    );
+    setup.verify()?;
+    let out = write(&["--fio", "trim", "--bytes", "8M", "--fio-bs", "64K"])?;
+    assert!(out.contains("trimmed 8.0 MiB in 128 trims"), "{out}");
+    let (changed, _) = setup.cycle("fio trims")?;
+    assert!(
+        (8 * MIB - MIB / 10..=8 * MIB + MIB / 10).contains(&changed),
+        "shipped {changed}"
+    );
+    setup.verify()?;
+    let status = daemon.stop()?;
+    assert!(status.success(), "{}", daemon.output());
+    assert!(!daemon.output().contains("LOST"), "{}", daemon.output());
+    Ok(())
+}

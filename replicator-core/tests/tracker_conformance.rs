@@ -70,6 +70,10 @@ impl<T: ChangeTracker + BlockDevice + 'static> TrackerFixture for Fixture<T> {
         Ok(self.live().write_at(data, offset_bytes)?)
     }
 
+    fn discard(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<()> {
+        Ok(self.live().discard(offset_bytes, len_bytes)?)
+    }
+
     fn restart_clean(&mut self) -> Result<()> {
         self.live().checkpoint()?;
         self.reopen()
@@ -216,6 +220,8 @@ enum Bug {
     ReadsLive,
     /// Release(committed) keeps the frozen marks in the next epoch.
     KeepsCommittedMarks,
+    /// Discards reach the device but are not marked.
+    ForgetsDiscards,
 }
 
 /// A CBT tracker with one bug.
@@ -326,6 +332,12 @@ impl TrackerFixture for BrokenFixture {
         }
         Ok(self.tracker.inner.write_at(data, offset_bytes)?)
     }
+    fn discard(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<()> {
+        if self.tracker.bug == Bug::ForgetsDiscards {
+            return Ok(self.dev.discard(offset_bytes, len_bytes)?);
+        }
+        Ok(self.tracker.inner.discard(offset_bytes, len_bytes)?)
+    }
     fn read_device(&self, buf: &mut [u8], offset_bytes: u64) -> Result<()> {
         Ok(self.dev.read_at(buf, offset_bytes)?)
     }
@@ -386,6 +398,12 @@ fn the_suite_fails_a_point_in_time_tracker_that_reads_live() {
         &f,
         &["frozen read of sector", "not its content at the freeze"],
     );
+}
+
+#[test]
+fn the_suite_fails_a_tracker_that_does_not_mark_discards() {
+    let f = first_failure(Bug::ForgetsDiscards);
+    assert_names(&f, &["misses sector", "discard"]);
 }
 
 #[test]

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use replicator_core::bitmap::SECTOR_SIZE;
+use replicator_core::device::{BlockDevice, FileDevice};
 use replicator_core::tracker::ChangeTracker;
 use replicator_core::tracker::conformance::{self, Capabilities, FrozenReads, TrackerFixture};
 use replicator_core::{Error, Result};
@@ -125,6 +126,15 @@ impl TrackerFixture for KernelFixture {
         self.device
             .write_all_at(buf, lo)
             .map_err(|e| io("writing the device", e))
+    }
+
+    fn discard(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<()> {
+        if !offset_bytes.is_multiple_of(SECTOR_SIZE) || !len_bytes.is_multiple_of(SECTOR_SIZE) {
+            return self.write(offset_bytes, &vec![0u8; len_bytes as usize]);
+        }
+        // As an application discards: the kernel sees a write-zeroes request on the device.
+        let dev = FileDevice::open(&self.dev_path)?;
+        Ok(dev.discard(offset_bytes, len_bytes)?)
     }
 
     fn settle(&mut self) -> Result<()> {

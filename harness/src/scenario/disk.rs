@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use harness::scenario::spec::{self, Backing, DiskGroup, DiskName, Fault, Fill, Tracker};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use replicator_core::clock::Clock;
 use replicator_core::device::{BlockDevice, FileDevice};
 use replicator_core::keys::DiskId;
@@ -26,7 +24,7 @@ use crate::bars::DiskBar;
 use crate::ktrack::{DaemonConfig, KernelTracker, RunningDaemon, daemon};
 use crate::loopdev::LoopDevice;
 use crate::trackers::{AnySource, TrackerKind, open_writable};
-use crate::workload::{self, fill_image, run_pattern};
+use crate::workload::{self, WorkloadSpec, fill_image, run_workload};
 
 /// What a step of the scenario is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -117,7 +115,6 @@ pub struct Disk {
     pub source_dev: PathBuf,
     pub target_dev: PathBuf,
     dir: PathBuf,
-    log_cursor: u64,
     /// Bytes written by the last `Writes` step and how long it took, for the next cycle.
     written: (u64, f64),
     pub records: Vec<CycleRecord>,
@@ -215,7 +212,6 @@ impl Disk {
             source_dev,
             target_dev,
             dir,
-            log_cursor: 0,
             written: (0, 0.0),
             records: Vec::new(),
             events: Vec::new(),
@@ -456,45 +452,52 @@ impl Disk {
                 (u64::from(step) << 16) | i as u64,
             );
             if let Some(job) = &w.fio {
-                let job_seed = job.seed.unwrap_or(seed);
+                let fio_job = crate::fio::FioJob {
+                    rw: job.rw.clone(),
+                    bs: job.bs.0,
+                    size: job.size.0,
+                    iodepth: job.iodepth,
+                    rate_bytes_per_s: job.rate_bytes_per_s.map(|r| r.0),
+                    runtime_s: job.runtime_s,
+                    // fio takes a seed below 2^32.
+                    seed: job.seed.unwrap_or(seed) & 0xffff_ffff,
+                    direct: job.direct,
+                };
                 bar.start(&format!("fio {}", job.rw), job.size.0);
-                let n = super::fio::run(job, job_seed, &self.source_dev, &self.dir)
+                let report = crate::fio::run(&fio_job, &self.source_dev, &self.dir)
                     .with_context(|| format!("fio on {}", self.source_dev.display()))?;
                 bar.end();
-                written += n;
+                written += report.bytes_written + report.bytes_trimmed;
                 continue;
             }
             let Some(pattern) = w.pattern else {
                 bail!("workload {i} has neither `pattern` nor `fio`");
             };
-            // With the workload generators merged, every pattern goes to
-            // `workload::run_workload(writer, &WorkloadSpec { pattern, bytes, ops,
-            // rate_bytes_per_s, seed, zipf_exponent })`, the same fields as here.
-            let p = match pattern {
-                spec::Pattern::Innodb => workload::Pattern::Innodb,
-                spec::Pattern::Postgres => workload::Pattern::Postgres,
-                spec::Pattern::Log => workload::Pattern::Log,
-                other => bail!(crate::commands::UsageError(format!(
-                    "workload pattern {:?} needs the workload generators of \
-                     harness/src/workload.rs (run_workload), which this build lacks",
-                    other.name()
-                ))),
+            let spec = WorkloadSpec {
+                pattern: match pattern {
+                    spec::Pattern::Innodb => workload::Pattern::Innodb,
+                    spec::Pattern::Postgres => workload::Pattern::Postgres,
+                    spec::Pattern::Log => workload::Pattern::Log,
+                    spec::Pattern::Zipf => workload::Pattern::Zipf,
+                    spec::Pattern::Overwrite => workload::Pattern::Overwrite,
+                    spec::Pattern::Zero => workload::Pattern::Zero,
+                    spec::Pattern::Discard => workload::Pattern::Discard,
+                },
+                bytes: w.bytes.map(|b| b.0),
+                ops: w.ops,
+                rate_bytes_per_s: w.rate_bytes_per_s.map(|r| r.0),
+                seed: w.seed.unwrap_or(seed),
+                zipf_exponent: w.zipf_exponent,
             };
-            if w.ops.is_some() || w.rate_bytes_per_s.is_some() {
-                bail!(crate::commands::UsageError(
-                    "workload `ops` and `rate_bytes_per_s` need the workload generators of \
-                     harness/src/workload.rs (run_workload), which this build lacks; give `bytes`"
-                        .into()
-                ));
-            }
-            let bytes = w.bytes.map_or(0, |b| b.0);
-            let mut rng = ChaCha8Rng::seed_from_u64(w.seed.unwrap_or(seed));
-            bar.start(&format!("write {}", p.name()), bytes);
+            bar.start(
+                &format!("write {}", spec.pattern.name()),
+                spec.bytes.unwrap_or(0),
+            );
             let writer = Arc::clone(&self.side()?.writer);
-            run_pattern(writer.as_ref(), p, bytes, &mut rng, &mut self.log_cursor)?;
-            bar.advance(bytes);
+            let report = run_workload(writer.as_ref(), &spec)?;
+            bar.advance(report.bytes_written + report.bytes_discarded);
             bar.end();
-            written += bytes;
+            written += report.bytes_written + report.bytes_discarded;
         }
         // Like an application at a consistency point: the writes reach the device.
         self.side()?.writer.flush()?;

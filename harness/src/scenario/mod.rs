@@ -10,7 +10,6 @@
 
 mod disk;
 mod faults;
-mod fio;
 mod report;
 
 use std::io::Write as _;

@@ -318,7 +318,7 @@ pub struct Workload {
     pub pattern: Option<Pattern>,
     /// Bytes to write per cycle.
     pub bytes: Option<Size>,
-    /// Writes per cycle (instead of or besides `bytes`).
+    /// Writes per cycle (instead of `bytes`).
     pub ops: Option<u64>,
     /// Rate limit of the writes.
     pub rate_bytes_per_s: Option<Size>,
@@ -776,8 +776,11 @@ impl Scenario {
             }
         }
         if let Some(p) = wl.pattern {
-            if wl.bytes.is_none() && wl.ops.is_none() {
-                return err(format!("pattern {:?} needs `bytes` or `ops`", p.name()));
+            if wl.bytes.is_some() == wl.ops.is_some() {
+                return err(format!(
+                    "pattern {:?} needs exactly one of `bytes` and `ops`",
+                    p.name()
+                ));
             }
             if wl.zipf_exponent.is_some() && p != Pattern::Zipf {
                 return err("`zipf_exponent` is for the zipf pattern only".into());

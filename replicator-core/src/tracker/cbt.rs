@@ -49,6 +49,8 @@ const AL_MAGIC: u32 = 0x4C41_5052; // "RPAL"
 const CKPT_FILE: &str = "tracker.ckpt";
 const AL_FILE: &str = "tracker.al";
 const COW_FILE: &str = "tracker.cow";
+/// Most bytes preserved per read and write when copying to the copy-on-write file. 1 MiB.
+const PRESERVE_STEP_BYTES: u64 = 1 << 20;
 
 /// Limits and granularity of a tracker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -358,18 +360,28 @@ impl<D: BlockDevice> CbtTracker<D> {
                 frozen.cow.clear();
                 return Ok(());
             }
-            let mut old = vec![0u8; run.len_bytes() as usize];
-            self.dev.read_at(&mut old, run.offset_bytes())?;
             let loc = match cow_file.as_ref() {
                 Some(file) => {
-                    // The file is emptied at every freeze and only appended to since.
+                    // The file is emptied at every freeze and only appended to since. Copied in
+                    // bounded steps: a discard can cover far more than any write buffer.
                     let at = frozen.cow_bytes;
-                    file.write_all_at(&old, at).map_err(|e| {
-                        Error::state_io(self.cow_path(), "cannot preserve sectors", e)
-                    })?;
+                    let mut old = vec![0u8; run.len_bytes().min(PRESERVE_STEP_BYTES) as usize];
+                    let mut done = 0;
+                    while done < run.len_bytes() {
+                        let n = (run.len_bytes() - done).min(PRESERVE_STEP_BYTES) as usize;
+                        self.dev.read_at(&mut old[..n], run.offset_bytes() + done)?;
+                        file.write_all_at(&old[..n], at + done).map_err(|e| {
+                            Error::state_io(self.cow_path(), "cannot preserve sectors", e)
+                        })?;
+                        done += n as u64;
+                    }
                     CowLoc::File(at)
                 }
-                None => CowLoc::Mem(old),
+                None => {
+                    let mut old = vec![0u8; run.len_bytes() as usize];
+                    self.dev.read_at(&mut old, run.offset_bytes())?;
+                    CowLoc::Mem(old)
+                }
             };
             frozen.cow.insert(run.start_sector, (run.sector_count, loc));
             frozen.cow_bytes += run.len_bytes();
@@ -390,6 +402,23 @@ impl<D: BlockDevice> CbtTracker<D> {
         self.dev.write_at(buf, offset_bytes)?;
         inner.current.mark_bytes(offset_bytes, buf.len() as u64)?;
         inner.bytes_written = inner.bytes_written.saturating_add(buf.len() as u64);
+        Ok(inner.epoch)
+    }
+
+    /// Discards through the tracker like [`BlockDevice::discard`]: the range is marked (and the
+    /// frozen sectors it covers preserved first) like a write, so the next cycle ships it as the
+    /// zeros it now reads as. Returns the epoch it was marked in.
+    pub fn discard_tracked(&self, offset_bytes: u64, len_bytes: u64) -> Result<u64> {
+        check_range(self, DeviceOp::Discard, offset_bytes, len_bytes)?;
+        let mut inner = self.lock();
+        if len_bytes == 0 {
+            return Ok(inner.epoch);
+        }
+        self.log_regions(&mut inner, offset_bytes, len_bytes)?;
+        self.preserve(&mut inner, offset_bytes, len_bytes)?;
+        self.dev.discard(offset_bytes, len_bytes)?;
+        inner.current.mark_bytes(offset_bytes, len_bytes)?;
+        inner.bytes_written = inner.bytes_written.saturating_add(len_bytes);
         Ok(inner.epoch)
     }
 }

@@ -82,6 +82,15 @@ pub trait TrackerFixture {
     /// the tracker for in-process trackers, to the device for trackers that watch it.
     fn write(&mut self, offset_bytes: u64, data: &[u8]) -> Result<()>;
 
+    /// Discards `len_bytes` at `offset_bytes` the way the tracked disk is discarded (through the
+    /// tracker's [`BlockDevice::discard`](crate::device::BlockDevice::discard), or on the
+    /// device); afterwards the range reads as zeros. The default writes zeros with
+    /// [`TrackerFixture::write`].
+    fn discard(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<()> {
+        let zeros = vec![0u8; usize::try_from(len_bytes).unwrap_or(usize::MAX)];
+        self.write(offset_bytes, &zeros)
+    }
+
     /// Waits until the tracker has seen every completed write. A no-op for in-process trackers.
     fn settle(&mut self) -> Result<()> {
         Ok(())
@@ -167,6 +176,11 @@ enum Op {
         offset_bytes: u64,
         len_bytes: u64,
     },
+    /// A discard: the range reads as zeros afterwards, and is marked like a write.
+    Discard {
+        offset_bytes: u64,
+        len_bytes: u64,
+    },
     Freeze,
     /// Reads this many of the frozen epoch's unread extents (each in random sector-aligned
     /// pieces).
@@ -201,6 +215,15 @@ impl fmt::Display for Op {
             } => write!(
                 f,
                 "write {len_bytes} bytes at offset {offset_bytes} (sectors {}..{})",
+                offset_bytes / SECTOR_SIZE,
+                (offset_bytes + len_bytes).div_ceil(SECTOR_SIZE)
+            ),
+            Op::Discard {
+                offset_bytes,
+                len_bytes,
+            } => write!(
+                f,
+                "discard {len_bytes} bytes at offset {offset_bytes} (sectors {}..{})",
                 offset_bytes / SECTOR_SIZE,
                 (offset_bytes + len_bytes).div_ceil(SECTOR_SIZE)
             ),
@@ -363,7 +386,18 @@ impl Suite<'_> {
         loop {
             let roll = self.rng.below(100);
             let op = match roll {
-                0..=44 => self.pick_write(),
+                0..=44 => match self.pick_write() {
+                    // One in eight turns into a discard of the same range (its length in whole
+                    // sectors most of the time, as discards usually are).
+                    Op::Write {
+                        offset_bytes,
+                        len_bytes,
+                    } if self.rng.chance(12) => Op::Discard {
+                        offset_bytes,
+                        len_bytes,
+                    },
+                    op => op,
+                },
                 45..=54 => Op::Freeze,
                 55..=64 => Op::ReadFrozen {
                     extents: self.rng.range(1, 8) as usize,
@@ -420,7 +454,11 @@ impl Suite<'_> {
             Op::Write {
                 offset_bytes,
                 len_bytes,
-            } => self.write(offset_bytes, len_bytes),
+            } => self.write(offset_bytes, len_bytes, false),
+            Op::Discard {
+                offset_bytes,
+                len_bytes,
+            } => self.write(offset_bytes, len_bytes, true),
             Op::Freeze => self.freeze(),
             Op::ReadFrozen { extents } => self.read_frozen(extents),
             Op::Release { committed } => self.release(committed),
@@ -446,10 +484,12 @@ impl Suite<'_> {
         self.content.get(&sector)
     }
 
+    /// A write of random bytes, or a discard (`zeros`): the model sees a write of zeros.
     fn write(
         &mut self,
         offset_bytes: u64,
         len_bytes: u64,
+        zeros: bool,
     ) -> std::result::Result<(), ConformanceFailure> {
         let first = offset_bytes / SECTOR_SIZE;
         let end = (offset_bytes + len_bytes).div_ceil(SECTOR_SIZE);
@@ -463,9 +503,14 @@ impl Suite<'_> {
             }
         }
         let mut data = vec![0u8; len_bytes as usize];
-        self.rng.fill(&mut data);
-        let r = self.fx.write(offset_bytes, &data);
-        self.io("the write", r)?;
+        if zeros {
+            let r = self.fx.discard(offset_bytes, len_bytes);
+            self.io("the discard", r)?;
+        } else {
+            self.rng.fill(&mut data);
+            let r = self.fx.write(offset_bytes, &data);
+            self.io("the write", r)?;
+        }
         let r = self.fx.settle();
         self.io("settle", r)?;
         for s in first..end {

@@ -9,7 +9,9 @@
 //! `fdatasync`s the segment, then writes the device, all under the tracker lock: a freeze never
 //! splits a write, and a record on disk always precedes its device write. Writes that do not
 //! cover whole sectors are widened to whole sectors (the neighbouring bytes read from the device
-//! under the lock), so records and the device agree sector by sector.
+//! under the lock), so records and the device agree sector by sector. A discard of whole sectors
+//! is one header-only *zero record* (the range reads as zeros), logged before the device
+//! discards it.
 //!
 //! # Epochs and frozen reads: point in time without copy-on-write
 //! [`ChangeTracker::freeze`] flushes the device and cuts the current segment: later writes go to
@@ -80,6 +82,9 @@ pub const RECORD_KIND_DATA: u8 = 1;
 /// Record kind: a write of `len_bytes` at `offset_bytes` whose data is not logged (an overflowed
 /// epoch).
 pub const RECORD_KIND_MARK: u8 = 2;
+/// Record kind: `len_bytes` at `offset_bytes` were discarded (or zeroed) and read as zeros; the
+/// header only, like a mark record, whatever the length.
+pub const RECORD_KIND_ZERO: u8 = 3;
 const STATE_MAGIC: [u8; 8] = *b"RPLHRLT1";
 const STATE_FILE: &str = "hrl.state";
 /// Longest lost-tracking reason kept in the state.
@@ -168,7 +173,7 @@ pub struct SegmentHeader {
 /// One valid record, as found in a segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LogRecord {
-    /// [`RECORD_KIND_DATA`] or [`RECORD_KIND_MARK`].
+    /// [`RECORD_KIND_DATA`], [`RECORD_KIND_MARK`] or [`RECORD_KIND_ZERO`].
     pub kind: u8,
     /// The epoch (always the segment's).
     pub epoch: u64,
@@ -294,6 +299,13 @@ pub fn encode_mark_record(out: &mut Vec<u8>, epoch: u64, offset_bytes: u64, len_
     out.extend_from_slice(&crc32fast::hash(&h).to_le_bytes());
 }
 
+/// Appends a zero record (`len_bytes` at `offset_bytes` discarded: they read as zeros) to `out`.
+pub fn encode_zero_record(out: &mut Vec<u8>, epoch: u64, offset_bytes: u64, len_bytes: u64) {
+    let h = record_header(RECORD_KIND_ZERO, epoch, offset_bytes, len_bytes);
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&crc32fast::hash(&h).to_le_bytes());
+}
+
 /// Positioned reads, from a file or from bytes.
 trait ReadAt {
     fn read_exact_at_pos(&self, buf: &mut [u8], pos: u64) -> std::io::Result<()>;
@@ -391,7 +403,7 @@ fn scan_segment<S: ReadAt + ?Sized>(
             break tear("bad record magic".into());
         }
         let kind = rh[4];
-        if kind != RECORD_KIND_DATA && kind != RECORD_KIND_MARK {
+        if !matches!(kind, RECORD_KIND_DATA | RECORD_KIND_MARK | RECORD_KIND_ZERO) {
             break tear(format!("unknown record kind {kind}"));
         }
         if rh[5..8] != [0, 0, 0] {
@@ -514,18 +526,48 @@ fn le_u64(b: &[u8]) -> u64 {
 // The in-memory index
 // ---------------------------------------------------------------------------------------------
 
-/// Where a run of logged sectors' data is: segment `seg` (an epoch), byte `at` for the first
-/// sector of the run, then consecutive.
+/// Where a logged run's contents are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Src {
+    /// In segment `seg` (an epoch) at byte `at` for the first sector, then consecutive.
+    Log { seg: u64, at: u64 },
+    /// Zeros: the run was discarded.
+    Zero,
+}
+
+impl Src {
+    /// The source of the sector `sectors` after the first.
+    fn advance(self, sectors: u64) -> Src {
+        match self {
+            Src::Log { seg, at } => Src::Log {
+                seg,
+                at: at + sectors * SECTOR_SIZE,
+            },
+            Src::Zero => Src::Zero,
+        }
+    }
+}
+
+/// A run of logged sectors ending before sector `end`, and where its contents are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Piece {
     end: u64,
-    seg: u64,
-    at: u64,
+    src: Src,
 }
 
-/// A run of sectors `[lo, hi)` and where a frozen read finds it: in segment `seg` at byte `at`
-/// (`Some((seg, at))`), or on the device (`None`).
-type Run = (u64, u64, Option<(u64, u64)>);
+/// Where a frozen read finds a run of sectors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadFrom {
+    /// In the log: segment `seg` at byte `at`.
+    Log(u64, u64),
+    /// Zeros (a logged discard).
+    Zero,
+    /// On the device (not logged).
+    Device,
+}
+
+/// A run of sectors `[lo, hi)` and where a frozen read finds it.
+type Run = (u64, u64, ReadFrom);
 
 /// Logged sectors, coalesced: start sector -> piece. Pieces never overlap; a newer write replaces
 /// the overlapped parts of older ones.
@@ -550,8 +592,7 @@ impl Index {
                     end,
                     Piece {
                         end: p.end,
-                        seg: p.seg,
-                        at: p.at + (end - s) * SECTOR_SIZE,
+                        src: p.src.advance(end - s),
                     },
                 );
             }
@@ -564,28 +605,27 @@ impl Index {
                     end,
                     Piece {
                         end: p.end,
-                        seg: p.seg,
-                        at: p.at + (end - s) * SECTOR_SIZE,
+                        src: p.src.advance(end - s),
                     },
                 );
             }
         }
     }
 
-    /// Sectors `[start, end)` now come from segment `seg` at byte `at`.
-    fn insert(&mut self, start: u64, end: u64, seg: u64, at: u64) {
+    /// Sectors `[start, end)` now come from `src`.
+    fn insert(&mut self, start: u64, end: u64, src: Src) {
         self.remove(start, end);
-        self.map.insert(start, Piece { end, seg, at });
+        self.map.insert(start, Piece { end, src });
     }
 
     /// `newer` on top of `self`.
     fn overlay(&mut self, newer: &Index) {
         for (&s, p) in &newer.map {
-            self.insert(s, p.end, p.seg, p.at);
+            self.insert(s, p.end, p.src);
         }
     }
 
-    /// `[start, end)` cut into runs: `(lo, hi, Some((seg, at)))` from the log, `None` gaps.
+    /// `[start, end)` cut into runs: from the log, zeros, or gaps on the device.
     fn runs(&self, start: u64, end: u64) -> Vec<Run> {
         let mut out = Vec::new();
         let mut pos = start;
@@ -602,13 +642,17 @@ impl Index {
                 continue;
             }
             if lo > pos {
-                out.push((pos, lo, None));
+                out.push((pos, lo, ReadFrom::Device));
             }
-            out.push((lo, hi, Some((p.seg, p.at + (lo - s) * SECTOR_SIZE))));
+            let from = match p.src.advance(lo - s) {
+                Src::Log { seg, at } => ReadFrom::Log(seg, at),
+                Src::Zero => ReadFrom::Zero,
+            };
+            out.push((lo, hi, from));
             pos = hi;
         }
         if pos < end {
-            out.push((pos, end, None));
+            out.push((pos, end, ReadFrom::Device));
         }
         out
     }
@@ -621,7 +665,7 @@ impl Index {
 /// One epoch's changes (or several merged, after an uncommitted release).
 #[derive(Debug)]
 struct View {
-    /// Sectors whose last write is logged with its data.
+    /// Sectors whose last write is logged with its data (or as a discard).
     index: Index,
     /// The sectors of `index`.
     logged: SectorBitmap,
@@ -710,10 +754,21 @@ impl Inner {
     }
 }
 
+/// What a record logs.
+#[derive(Clone, Copy)]
+enum Entry<'a> {
+    /// A write of this data.
+    Data(&'a [u8]),
+    /// A discard of this many bytes.
+    Zero(u64),
+}
+
 /// How a write was logged.
 enum Logged {
     /// Data records: (start sector, sector count, data position) in the current segment.
     Data(Vec<(u64, u64, u64)>),
+    /// A zero record (a discard).
+    Zero,
     /// A mark record.
     Mark,
 }
@@ -898,8 +953,16 @@ impl<D: BlockDevice> HrlTracker<D> {
                     state.current_overflowed || (epoch <= frozen_end && state.frozen_overflowed);
                 let scan = scan_segment(&file, len, disk_bytes, |r| {
                     let (s, n) = (r.start_sector(), r.sector_count());
-                    let bits = if r.kind == RECORD_KIND_DATA && !overflowed {
-                        current.index.insert(s, s + n, epoch, r.data_at());
+                    let logged = match r.kind {
+                        RECORD_KIND_DATA => Some(Src::Log {
+                            seg: epoch,
+                            at: r.data_at(),
+                        }),
+                        RECORD_KIND_ZERO => Some(Src::Zero),
+                        _ => None,
+                    };
+                    let bits = if let Some(src) = logged.filter(|_| !overflowed) {
+                        current.index.insert(s, s + n, src);
                         if redo_wanted {
                             redo.push(*r);
                         }
@@ -963,6 +1026,11 @@ impl<D: BlockDevice> HrlTracker<D> {
         // Redo: the device then holds what the log says, whatever the crash cut short.
         let mut chunk = Vec::new();
         for r in &redo {
+            if r.kind == RECORD_KIND_ZERO {
+                dev.discard(r.offset_bytes, r.len_bytes)?;
+                report.records_redone += 1;
+                continue;
+            }
             let Some(file) = segments.get(&r.epoch).and_then(|s| s.file.as_ref()) else {
                 continue;
             };
@@ -1195,15 +1263,26 @@ impl<D: BlockDevice> HrlTracker<D> {
     /// Appends the records of a write of `data` at `start` (aligned) to the current segment and
     /// syncs it; overflows first if the data would pass a limit.
     fn log_write(&self, inner: &mut Inner, start: u64, data: &[u8]) -> Result<Logged> {
-        let len = data.len() as u64;
+        self.log_entry(inner, start, Entry::Data(data))
+    }
+
+    /// Appends the record of `entry` at `start` (aligned) to the current segment and syncs it.
+    fn log_entry(&self, inner: &mut Inner, start: u64, entry: Entry<'_>) -> Result<Logged> {
+        let (len, data_bytes, pieces) = match entry {
+            Entry::Data(data) => (
+                data.len() as u64,
+                data.len() as u64,
+                (data.len() as u64).div_ceil(RECORD_DATA_BYTES_MAX),
+            ),
+            Entry::Zero(len) => (len, 0, 1),
+        };
         if !inner.current.overflowed {
-            let pieces = len.div_ceil(RECORD_DATA_BYTES_MAX);
             let header = if inner.segments.contains_key(&inner.epoch) {
                 0
             } else {
                 SEGMENT_HEADER_LEN
             };
-            let bytes = len + pieces * RECORD_HEADER_LEN + header;
+            let bytes = data_bytes + pieces * RECORD_HEADER_LEN + header;
             // Each insert adds at most two entries (the new piece and a split remainder).
             let entries = inner.index_entries() as u64 + 2 * pieces;
             if inner.log_bytes.saturating_add(bytes) > self.log_bytes_max {
@@ -1236,23 +1315,30 @@ impl<D: BlockDevice> HrlTracker<D> {
             *tail_dirty = false;
         }
         let mut bytes = Vec::new();
-        let logged = if current.overflowed {
-            encode_mark_record(&mut bytes, epoch, start, len);
-            Logged::Mark
-        } else {
-            bytes.reserve(data.len() + RECORD_HEADER_LEN as usize * 2);
-            let mut placed = Vec::new();
-            for (i, piece) in data.chunks(RECORD_DATA_BYTES_MAX as usize).enumerate() {
-                let offset = start + i as u64 * RECORD_DATA_BYTES_MAX;
-                let data_at = seg.len + bytes.len() as u64 + RECORD_HEADER_LEN;
-                encode_data_record(&mut bytes, epoch, offset, piece);
-                placed.push((
-                    offset / SECTOR_SIZE,
-                    piece.len() as u64 / SECTOR_SIZE,
-                    data_at,
-                ));
+        let logged = match entry {
+            _ if current.overflowed => {
+                encode_mark_record(&mut bytes, epoch, start, len);
+                Logged::Mark
             }
-            Logged::Data(placed)
+            Entry::Zero(len) => {
+                encode_zero_record(&mut bytes, epoch, start, len);
+                Logged::Zero
+            }
+            Entry::Data(data) => {
+                bytes.reserve(data.len() + RECORD_HEADER_LEN as usize * 2);
+                let mut placed = Vec::new();
+                for (i, piece) in data.chunks(RECORD_DATA_BYTES_MAX as usize).enumerate() {
+                    let offset = start + i as u64 * RECORD_DATA_BYTES_MAX;
+                    let data_at = seg.len + bytes.len() as u64 + RECORD_HEADER_LEN;
+                    encode_data_record(&mut bytes, epoch, offset, piece);
+                    placed.push((
+                        offset / SECTOR_SIZE,
+                        piece.len() as u64 / SECTOR_SIZE,
+                        data_at,
+                    ));
+                }
+                Logged::Data(placed)
+            }
         };
         if let Err(e) = file
             .write_all_at(&bytes, seg.len)
@@ -1272,9 +1358,17 @@ impl<D: BlockDevice> HrlTracker<D> {
         match logged {
             Logged::Data(placed) => {
                 for &(s, n, at) in placed {
-                    inner.current.index.insert(s, s + n, epoch, at);
+                    inner
+                        .current
+                        .index
+                        .insert(s, s + n, Src::Log { seg: epoch, at });
                     inner.current.logged.mark_sectors(s, n)?;
                 }
+            }
+            Logged::Zero => {
+                let (s, n) = (start / SECTOR_SIZE, len / SECTOR_SIZE);
+                inner.current.index.insert(s, s + n, Src::Zero);
+                inner.current.logged.mark_sectors(s, n)?;
             }
             Logged::Mark => {
                 let (s, n) = (start / SECTOR_SIZE, len / SECTOR_SIZE);
@@ -1337,6 +1431,47 @@ impl<D: BlockDevice> HrlTracker<D> {
         Ok(inner.epoch)
     }
 
+    /// Discards through the tracker like [`BlockDevice::discard`]: a zero record (header only,
+    /// whatever the length) is logged before the device discards the range, and the frozen
+    /// epoch's reads give zeros for it. A range that is not whole sectors is logged and written
+    /// as zeros instead. Returns the epoch it was logged in.
+    pub fn discard_tracked(&self, offset_bytes: u64, len_bytes: u64) -> Result<u64> {
+        check_range(self, DeviceOp::Discard, offset_bytes, len_bytes)?;
+        if !offset_bytes.is_multiple_of(SECTOR_SIZE) || !len_bytes.is_multiple_of(SECTOR_SIZE) {
+            let mut done = 0;
+            let mut epoch = self.epoch()?;
+            let zeros = vec![0u8; len_bytes.min(RECORD_DATA_BYTES_MAX) as usize];
+            while done < len_bytes {
+                let n = (len_bytes - done).min(RECORD_DATA_BYTES_MAX);
+                epoch = self.write_tracked(&zeros[..n as usize], offset_bytes + done)?;
+                done += n;
+            }
+            return Ok(epoch);
+        }
+        let mut inner = self.lock();
+        if len_bytes == 0 {
+            return Ok(inner.epoch);
+        }
+        if inner.clean {
+            inner.clean = false;
+            if let Err(e) = self.save(&inner) {
+                inner.clean = true;
+                return Err(e);
+            }
+        }
+        let logged = self.log_entry(&mut inner, offset_bytes, Entry::Zero(len_bytes))?;
+        if let Err(e) = self.dev.discard(offset_bytes, len_bytes) {
+            self.after_failed_write(&mut inner, offset_bytes, len_bytes, logged);
+            return Err(e.into());
+        }
+        self.note_write(&mut inner, offset_bytes, len_bytes, &logged)?;
+        inner.bytes_written = inner.bytes_written.saturating_add(len_bytes);
+        if inner.current.overflowed && inner.overflow_marks >= self.cfg.overflow_marks_max {
+            self.fold_marks(&mut inner)?;
+        }
+        Ok(inner.epoch)
+    }
+
     /// The device refused a logged write: its sectors now hold something the log does not say.
     /// Log what they hold instead (read back), so log and device agree again; if even that
     /// fails, tracking is lost.
@@ -1344,11 +1479,19 @@ impl<D: BlockDevice> HrlTracker<D> {
         let outcome = (|| -> Result<()> {
             match logged {
                 Logged::Mark => self.note_write(inner, start, len, &Logged::Mark),
-                Logged::Data(_) => {
-                    let mut now = vec![0u8; len as usize];
-                    self.dev.read_at(&mut now, start)?;
-                    let again = self.log_write(inner, start, &now)?;
-                    self.note_write(inner, start, len, &again)
+                Logged::Data(_) | Logged::Zero => {
+                    // In bounded steps: a discard can be far longer than any write.
+                    let mut now = vec![0u8; len.min(RECORD_DATA_BYTES_MAX) as usize];
+                    let mut done = 0;
+                    while done < len {
+                        let n = (len - done).min(RECORD_DATA_BYTES_MAX);
+                        let buf = &mut now[..n as usize];
+                        self.dev.read_at(buf, start + done)?;
+                        let again = self.log_write(inner, start + done, buf)?;
+                        self.note_write(inner, start + done, n, &again)?;
+                        done += n;
+                    }
+                    Ok(())
                 }
             }
         })();
@@ -1471,8 +1614,9 @@ impl<D: BlockDevice> ChangeTracker for HrlTracker<D> {
             let dst = &mut buf
                 [((lo - start) * SECTOR_SIZE) as usize..((hi - start) * SECTOR_SIZE) as usize];
             match from {
-                None => self.dev.read_at(dst, lo * SECTOR_SIZE)?,
-                Some((seg, at)) => {
+                ReadFrom::Device => self.dev.read_at(dst, lo * SECTOR_SIZE)?,
+                ReadFrom::Zero => dst.fill(0),
+                ReadFrom::Log(seg, at) => {
                     let path = self.seg_path(seg);
                     let file = inner
                         .segments
@@ -1768,20 +1912,27 @@ mod tests {
     fn pieces(ix: &Index) -> Vec<(u64, u64, u64, u64)> {
         ix.map
             .iter()
-            .map(|(s, p)| (*s, p.end, p.seg, p.at))
+            .map(|(s, p)| match p.src {
+                Src::Log { seg, at } => (*s, p.end, seg, at),
+                Src::Zero => (*s, p.end, u64::MAX, 0),
+            })
             .collect()
+    }
+
+    fn log(seg: u64, at: u64) -> Src {
+        Src::Log { seg, at }
     }
 
     #[test]
     fn index_last_write_wins_and_splits() {
         let mut ix = Index::default();
-        ix.insert(0, 10, 1, 1000);
-        ix.insert(4, 6, 2, 5000);
+        ix.insert(0, 10, log(1, 1000));
+        ix.insert(4, 6, log(2, 5000));
         assert_eq!(
             pieces(&ix),
             vec![(0, 4, 1, 1000), (4, 6, 2, 5000), (6, 10, 1, 1000 + 6 * 512)]
         );
-        ix.insert(2, 8, 3, 9000);
+        ix.insert(2, 8, log(3, 9000));
         assert_eq!(
             pieces(&ix),
             vec![(0, 2, 1, 1000), (2, 8, 3, 9000), (8, 10, 1, 1000 + 8 * 512)]
@@ -1789,15 +1940,31 @@ mod tests {
         assert_eq!(
             ix.runs(1, 12),
             vec![
-                (1, 2, Some((1, 1000 + 512))),
-                (2, 8, Some((3, 9000))),
-                (8, 10, Some((1, 1000 + 8 * 512))),
-                (10, 12, None)
+                (1, 2, ReadFrom::Log(1, 1000 + 512)),
+                (2, 8, ReadFrom::Log(3, 9000)),
+                (8, 10, ReadFrom::Log(1, 1000 + 8 * 512)),
+                (10, 12, ReadFrom::Device)
             ]
+        );
+        // A discard over part of it: zeros there, the log's data either side.
+        ix.insert(3, 5, Src::Zero);
+        assert_eq!(
+            ix.runs(2, 9),
+            vec![
+                (2, 3, ReadFrom::Log(3, 9000)),
+                (3, 5, ReadFrom::Zero),
+                (5, 8, ReadFrom::Log(3, 9000 + 3 * 512)),
+                (8, 9, ReadFrom::Log(1, 1000 + 8 * 512)),
+            ]
+        );
+        ix.insert(4, 6, log(4, 100));
+        assert_eq!(
+            ix.runs(3, 6),
+            vec![(3, 4, ReadFrom::Zero), (4, 6, ReadFrom::Log(4, 100))]
         );
         ix.remove(0, 20);
         assert!(ix.map.is_empty());
-        assert_eq!(ix.runs(3, 5), vec![(3, 5, None)]);
+        assert_eq!(ix.runs(3, 5), vec![(3, 5, ReadFrom::Device)]);
     }
 
     #[test]
@@ -1810,16 +1977,20 @@ mod tests {
         .to_vec();
         encode_data_record(&mut seg, 3, 512, &[7u8; 1024]);
         encode_mark_record(&mut seg, 3, 4096, 512);
+        encode_zero_record(&mut seg, 3, 8192, 1 << 19);
         let whole = seg.len() as u64;
         let d = decode_segment(&seg, 1 << 20).unwrap();
         assert_eq!(d.header.epoch, 3);
-        assert_eq!(d.records.len(), 2);
+        assert_eq!(d.records.len(), 3);
+        assert_eq!(d.records[2].kind, RECORD_KIND_ZERO);
+        assert_eq!(d.records[2].len_bytes, 1 << 19);
+        assert_eq!(d.records[2].stored_len(), RECORD_HEADER_LEN);
         assert_eq!(d.valid_bytes, whole);
         assert!(d.torn.is_none());
-        // Cut mid-record: the first record stays.
+        // Cut mid-record: the records before it stay.
         let cut = &seg[..seg.len() - 10];
         let d = decode_segment(cut, 1 << 20).unwrap();
-        assert_eq!(d.records.len(), 1);
+        assert_eq!(d.records.len(), 2);
         assert_eq!(d.torn.as_ref().map(|t| t.offset_bytes), Some(d.valid_bytes));
         // A flipped data byte ends the log at that record.
         let mut flipped = seg.clone();

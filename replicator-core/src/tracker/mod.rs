@@ -41,8 +41,9 @@ use crate::bitmap::SectorBitmap;
 use crate::error::{Error, Result};
 
 /// Implements [`BlockDevice`](crate::device::BlockDevice) for a tracker that writes pass
-/// through: reads, size and flush go to its `dev`; writes go through its `write_tracked`, and a
-/// tracker error becomes a device error naming the tracker.
+/// through: reads, size and flush go to its `dev`; writes go through its `write_tracked` and
+/// discards through its `discard_tracked` (marked like writes: the next cycle ships the range,
+/// which then reads as zeros), and a tracker error becomes a device error naming the tracker.
 macro_rules! write_through_device {
     ($tracker:ident) => {
         impl<D: $crate::device::BlockDevice> $crate::device::BlockDevice for $tracker<D> {
@@ -83,6 +84,25 @@ macro_rules! write_through_device {
 
             fn flush(&self) -> std::result::Result<(), $crate::device::DeviceError> {
                 self.dev.flush()
+            }
+
+            fn discard(
+                &self,
+                offset_bytes: u64,
+                len_bytes: u64,
+            ) -> std::result::Result<(), $crate::device::DeviceError> {
+                self.discard_tracked(offset_bytes, len_bytes)
+                    .map(|_| ())
+                    .map_err(|e| match e {
+                        $crate::error::Error::Device(d) => d,
+                        other => $crate::device::DeviceError::new(
+                            &self.name,
+                            $crate::device::DeviceOp::Discard,
+                            offset_bytes,
+                            len_bytes,
+                            other.to_string(),
+                        ),
+                    })
             }
         }
     };
