@@ -7,6 +7,7 @@ mod assess;
 mod bars;
 mod commands;
 mod demo;
+mod image;
 mod ktrack;
 mod loopdev;
 mod memory;
@@ -74,6 +75,8 @@ enum Command {
     /// Sample block devices' write counters and say, per disk, whether its churn fits the
     /// replication tiers (P95 of 10-minute peaks x 1.3 against per-disk and per-VM limits).
     Assess(assess::AssessArgs),
+    /// Write a realistic file-system-like image (text, binary, random, sparse zero segments).
+    Image(image::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -110,6 +113,7 @@ fn main() -> ExitCode {
             Command::Gc(args) => commands::gc(args).await,
             Command::Track(args) => ktrack::run(args).await,
             Command::Assess(args) => assess::run(args).await,
+            Command::Image(args) => image::run(args),
         }
     });
     if report_memory && let Some(peak) = memory::peak_rss_bytes() {
