@@ -15,7 +15,7 @@
 #
 # The page cache is dropped before every timed step (then the tool's own program is loaded once,
 # so short steps do not time reading a binary from disk). Each step's wall time, throughput, peak RSS
-# (/usr/bin/time) and bytes stored are printed as a markdown table, with the ratios the project
+# and CPU time (/usr/bin/time) and bytes stored are printed as a markdown table, with the ratios the project
 # aims at, each marked met or NOT met; the table is also written to $COMPARE_DIR/table.md.
 # The script fails on any error of any tool or a target that differs, never on a ratio.
 #
@@ -124,8 +124,10 @@ drop_caches() {
     echo 3 >/proc/sys/vm/drop_caches
 }
 
-# Set by `timed`: wall seconds and peak RSS (KiB) of the last command.
+# Set by `timed`: wall seconds, CPU seconds (user + system, all threads and children) and peak
+# RSS (KiB) of the last command.
 T_SEC=0
+T_CPU=0
 T_RSS_KB=0
 
 # timed LABEL CMD...: drops the page cache, runs CMD under /usr/bin/time with its output in
@@ -141,7 +143,7 @@ timed() {
     /usr/bin/time -f '' true 2>/dev/null || true
     say "$label: $*"
     t0=$EPOCHREALTIME
-    /usr/bin/time -f '%e %M' -o "$tf" "$@" >"$log" 2>&1 || rc=$?
+    /usr/bin/time -f '%e %M %U %S' -o "$tf" "$@" >"$log" 2>&1 || rc=$?
     t1=$EPOCHREALTIME
     if ((rc != 0)); then
         tail -n 30 "$log" >&2
@@ -149,6 +151,7 @@ timed() {
     fi
     T_SEC=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
     T_RSS_KB=$(tail -n 1 "$tf" | awk '{ print $2 }')
+    T_CPU=$(tail -n 1 "$tf" | awk '{ printf "%.2f", $3 + $4 }')
     [[ $T_RSS_KB =~ ^[0-9]+$ ]] || die "$label: cannot read the peak RSS from /usr/bin/time ($(cat "$tf"))"
 }
 
@@ -156,16 +159,16 @@ timed() {
 bytes_of() { du -sb "$1" | cut -f1; }
 
 rows=()
-# row STEP TOOL SECONDS BYTES_MOVED RSS_KB STORED_BYTES|- NOTES
+# row STEP TOOL SECONDS CPU_SECONDS BYTES_MOVED RSS_KB STORED_BYTES|- NOTES
 row() {
-    local step=$1 tool=$2 sec=$3 moved=$4 rss=$5 stored=$6 notes=$7 rate stored_h
+    local step=$1 tool=$2 sec=$3 cpu=$4 moved=$5 rss=$6 stored=$7 notes=$8 rate stored_h
     rate=$(awk -v b="$moved" -v s="$sec" 'BEGIN { if (s > 0) printf "%.0f", b / s / 1e6; else print "-" }')
     if [[ $stored == - ]]; then
         stored_h=-
     else
         stored_h=$(awk -v b="$stored" 'BEGIN { printf "%.1f MiB", b / 1048576 }')
     fi
-    rows+=("| $step | $tool | $sec | $rate | $(awk -v k="$rss" 'BEGIN { printf "%.0f MiB", k / 1024 }') | $stored_h | $notes |")
+    rows+=("| $step | $tool | $sec | $cpu | $rate | $(awk -v k="$rss" 'BEGIN { printf "%.0f MiB", k / 1024 }') | $stored_h | $notes |")
 }
 declare -A sec_of
 
@@ -189,23 +192,23 @@ mb=$((size_bytes / mib))
 # --- initial copy --------------------------------------------------------------------------------
 timed initial-dd-read dd if="$IMG" of=/dev/null iflag=direct bs=1M
 sec_of[dd_read]=$T_SEC
-row "initial copy" "dd read (O_DIRECT, 1 MiB)" "$T_SEC" "$size_bytes" "$T_RSS_KB" - "reads the image once"
+row "initial copy" "dd read (O_DIRECT, 1 MiB)" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RSS_KB" - "reads the image once"
 
 timed initial-ours "$HARNESS" ship --source "$IMG" --sink "$CACHE" --state "$W/src-state" --key-file "$KEY"
 sec_of[ours_ship]=$T_SEC
 grep -q 'initial' "$W/logs/initial-ours.log" || die "the first ship was not an initial copy: $(cat "$W/logs/initial-ours.log")"
-row "initial copy" "**ours: harness ship** (cycle 1)" "$T_SEC" "$size_bytes" "$T_RSS_KB" "$(bytes_of "$CACHE")" "zstd 1 + AES-256-GCM into a local cache"
+row "initial copy" "**ours: harness ship** (cycle 1)" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RSS_KB" "$(bytes_of "$CACHE")" "zstd 1 + AES-256-GCM into a local cache"
 
 timed initial-zstd zstd -1 -T0 -q "$IMG" -o "$W/source.img.zst"
-row "initial copy" "zstd -1 -T0" "$T_SEC" "$size_bytes" "$T_RSS_KB" "$(bytes_of "$W/source.img.zst")" "compression only"
+row "initial copy" "zstd -1 -T0" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RSS_KB" "$(bytes_of "$W/source.img.zst")" "compression only"
 rm -f "$W/source.img.zst"
 
 timed initial-qcow2 qemu-img convert -O qcow2 "$IMG" "$W/source.qcow2"
-row "initial copy" "qemu-img convert -O qcow2" "$T_SEC" "$size_bytes" "$T_RSS_KB" "$(bytes_of "$W/source.qcow2")" "skips zero clusters"
+row "initial copy" "qemu-img convert -O qcow2" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RSS_KB" "$(bytes_of "$W/source.qcow2")" "skips zero clusters"
 rm -f "$W/source.qcow2"
 
 timed initial-qcow2-zstd qemu-img convert -c -O qcow2 -o compression_type=zstd "$IMG" "$W/source.qcow2"
-row "initial copy" "qemu-img convert -c (zstd)" "$T_SEC" "$size_bytes" "$T_RSS_KB" "$(bytes_of "$W/source.qcow2")" "compressed qcow2"
+row "initial copy" "qemu-img convert -c (zstd)" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RSS_KB" "$(bytes_of "$W/source.qcow2")" "compressed qcow2"
 rm -f "$W/source.qcow2"
 
 restic -r "$W/restic" init >"$W/logs/restic-init.log" 2>&1 \
@@ -213,63 +216,63 @@ restic -r "$W/restic" init >"$W/logs/restic-init.log" 2>&1 \
 timed initial-restic restic -r "$W/restic" backup "$IMG"
 sec_of[restic_initial]=$T_SEC
 restic_after_initial=$(bytes_of "$W/restic")
-row "initial copy" "restic backup" "$T_SEC" "$size_bytes" "$T_RSS_KB" "$restic_after_initial" "$(restic version | cut -d' ' -f1-2), encrypted"
+row "initial copy" "restic backup" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RSS_KB" "$restic_after_initial" "$(restic version | cut -d' ' -f1-2), encrypted"
 
 borg init --encryption=repokey-blake2 "$W/borg" >"$W/logs/borg-init.log" 2>&1 \
     || { cat "$W/logs/borg-init.log" >&2; die "borg init failed"; }
 timed initial-borg borg create "$W/borg::initial" "$IMG"
 borg_after_initial=$(bytes_of "$W/borg")
-row "initial copy" "borg create" "$T_SEC" "$size_bytes" "$T_RSS_KB" "$borg_after_initial" "$(borg --version), repokey-blake2, lz4"
+row "initial copy" "borg create" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RSS_KB" "$borg_after_initial" "$(borg --version), repokey-blake2, lz4"
 
 # This copy is also the pre-churn image the rsync delta updates.
 mkdir -p "$W/rsync"
 timed initial-rsync rsync --stats "$IMG" "$W/rsync/"
-row "initial copy" "rsync (full copy)" "$T_SEC" "$size_bytes" "$T_RSS_KB" "$(bytes_of "$W/rsync")" "local whole-file copy"
+row "initial copy" "rsync (full copy)" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RSS_KB" "$(bytes_of "$W/rsync")" "local whole-file copy"
 
 # --- hydrate -----------------------------------------------------------------------------------
 truncate -s "$size_bytes" "$TGT"
 timed hydrate-ours "$HARNESS" hydrate --target "$TGT" --sink "$CACHE" --state "$W/tgt-state" --key-file "$KEY"
 sec_of[ours_hydrate]=$T_SEC
-row "hydrate" "**ours: harness hydrate**" "$T_SEC" "$size_bytes" "$T_RSS_KB" - "fetch, verify, decrypt, decompress, write"
+row "hydrate" "**ours: harness hydrate**" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RSS_KB" - "fetch, verify, decrypt, decompress, write"
 
 timed hydrate-dd-write dd if=/dev/zero of="$W/dd-out.img" oflag=direct bs=1M count="$mb"
 sec_of[dd_write]=$T_SEC
-row "hydrate" "dd write (O_DIRECT, 1 MiB)" "$T_SEC" "$size_bytes" "$T_RSS_KB" - "writes the image size once"
+row "hydrate" "dd write (O_DIRECT, 1 MiB)" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RSS_KB" - "writes the image size once"
 
 # --- churn -------------------------------------------------------------------------------------
 # The pre-churn copies are ready: the rsync copy, the restic and borg snapshots, our target.
 timed churn-write "$HARNESS" write --source "$IMG" --state "$W/src-state" --pattern innodb \
     --bytes "$churn_bytes" --seed "$SEED"
-row "churn" "ours: harness write --pattern innodb" "$T_SEC" "$churn_bytes" "$T_RSS_KB" - \
+row "churn" "ours: harness write --pattern innodb" "$T_SEC" "$T_CPU" "$churn_bytes" "$T_RSS_KB" - \
     "$((churn_bytes / page)) random 16 KiB pages through the tracker"
 
 # --- delta -------------------------------------------------------------------------------------
 cache_before=$(bytes_of "$CACHE")
 timed delta-ours-ship "$HARNESS" ship --source "$IMG" --sink "$CACHE" --state "$W/src-state" --key-file "$KEY"
 grep -q 'delta' "$W/logs/delta-ours-ship.log" || die "the second ship was not a delta: $(cat "$W/logs/delta-ours-ship.log")"
-ship_sec=$T_SEC ship_rss=$T_RSS_KB
+ship_sec=$T_SEC ship_rss=$T_RSS_KB ship_cpu=$T_CPU
 ship_stored=$(($(bytes_of "$CACHE") - cache_before))
 timed delta-ours-hydrate "$HARNESS" hydrate --target "$TGT" --sink "$CACHE" --state "$W/tgt-state" --key-file "$KEY"
-hyd_sec=$T_SEC hyd_rss=$T_RSS_KB
+hyd_sec=$T_SEC hyd_rss=$T_RSS_KB hyd_cpu=$T_CPU
 sec_of[ours_delta]=$(awk -v a="$ship_sec" -v b="$hyd_sec" 'BEGIN { printf "%.3f", a + b }')
-row "delta" "ours: harness ship" "$ship_sec" "$churn_bytes" "$ship_rss" "$ship_stored" "reads the changed sectors only"
-row "delta" "ours: harness hydrate" "$hyd_sec" "$churn_bytes" "$hyd_rss" - ""
-row "delta" "**ours: ship + hydrate**" "${sec_of[ours_delta]}" "$churn_bytes" "$((ship_rss > hyd_rss ? ship_rss : hyd_rss))" "$ship_stored" "two processes, total wall time"
+row "delta" "ours: harness ship" "$ship_sec" "$ship_cpu" "$churn_bytes" "$ship_rss" "$ship_stored" "reads the changed sectors only"
+row "delta" "ours: harness hydrate" "$hyd_sec" "$hyd_cpu" "$churn_bytes" "$hyd_rss" - ""
+row "delta" "**ours: ship + hydrate**" "${sec_of[ours_delta]}" "$(awk -v a="$ship_cpu" -v b="$hyd_cpu" 'BEGIN { printf "%.2f", a + b }')" "$churn_bytes" "$((ship_rss > hyd_rss ? ship_rss : hyd_rss))" "$ship_stored" "two processes, total wall time"
 
 timed delta-rsync rsync --inplace --no-whole-file --stats "$IMG" "$W/rsync/"
 sec_of[rsync_delta]=$T_SEC
 literal=$(sed -n 's/^Literal data: \([0-9,]*\) bytes.*/\1/p' "$W/logs/delta-rsync.log" | tr -d ,)
 [[ $literal =~ ^[0-9]+$ ]] || die "cannot read rsync's literal data from $W/logs/delta-rsync.log"
 ((literal > 0)) || die "rsync sent no literal data: the churn did not reach the image it read"
-row "delta" "rsync --inplace --no-whole-file" "$T_SEC" "$churn_bytes" "$T_RSS_KB" - \
+row "delta" "rsync --inplace --no-whole-file" "$T_SEC" "$T_CPU" "$churn_bytes" "$T_RSS_KB" - \
     "$(awk -v b="$literal" 'BEGIN { printf "%.1f MiB", b / 1048576 }') literal data sent; reads both images in full"
 
 timed delta-restic restic -r "$W/restic" backup "$IMG"
 sec_of[restic_delta]=$T_SEC
-row "delta" "restic backup (incremental)" "$T_SEC" "$churn_bytes" "$T_RSS_KB" "$(($(bytes_of "$W/restic") - restic_after_initial))" "rereads the image in full"
+row "delta" "restic backup (incremental)" "$T_SEC" "$T_CPU" "$churn_bytes" "$T_RSS_KB" "$(($(bytes_of "$W/restic") - restic_after_initial))" "rereads the image in full"
 
 timed delta-borg borg create "$W/borg::delta" "$IMG"
-row "delta" "borg create (incremental)" "$T_SEC" "$churn_bytes" "$T_RSS_KB" "$(($(bytes_of "$W/borg") - borg_after_initial))" "rereads the image in full"
+row "delta" "borg create (incremental)" "$T_SEC" "$T_CPU" "$churn_bytes" "$T_RSS_KB" "$(($(bytes_of "$W/borg") - borg_after_initial))" "rereads the image in full"
 
 fio_common=(--bs=16k --iodepth=32 --ioengine=libaio --direct=1 --size="$size_bytes"
     --io_size="$churn_bytes" --randrepeat=0 --group_reporting)
@@ -282,13 +285,13 @@ fio_io_sec() {
     awk -v ms="$ms" 'BEGIN { printf "%.3f", ms / 1000 }'
 }
 timed delta-fio-read fio --name=read --filename="$IMG" --rw=randread "${fio_common[@]}"
-fio_read_sec=$(fio_io_sec delta-fio-read) fio_read_rss=$T_RSS_KB
-row "delta" "fio randread 16 KiB QD32" "$fio_read_sec" "$churn_bytes" "$T_RSS_KB" - "reads as many random blocks; fio's I/O time ($T_SEC s wall)"
+fio_read_sec=$(fio_io_sec delta-fio-read) fio_read_rss=$T_RSS_KB fio_read_cpu=$T_CPU
+row "delta" "fio randread 16 KiB QD32" "$fio_read_sec" "$T_CPU" "$churn_bytes" "$T_RSS_KB" - "reads as many random blocks; fio's I/O time ($T_SEC s wall)"
 timed delta-fio-write fio --name=write --filename="$W/dd-out.img" --rw=randwrite "${fio_common[@]}"
 fio_write_sec=$(fio_io_sec delta-fio-write)
-row "delta" "fio randwrite 16 KiB QD32" "$fio_write_sec" "$churn_bytes" "$T_RSS_KB" - "writes as many random blocks; fio's I/O time ($T_SEC s wall)"
+row "delta" "fio randwrite 16 KiB QD32" "$fio_write_sec" "$T_CPU" "$churn_bytes" "$T_RSS_KB" - "writes as many random blocks; fio's I/O time ($T_SEC s wall)"
 sec_of[fio]=$(awk -v a="$fio_read_sec" -v b="$fio_write_sec" 'BEGIN { printf "%.3f", a + b }')
-row "delta" "fio read + write" "${sec_of[fio]}" "$churn_bytes" "$((fio_read_rss > T_RSS_KB ? fio_read_rss : T_RSS_KB))" - "the floor: just the changed blocks"
+row "delta" "fio read + write" "${sec_of[fio]}" "$(awk -v a="$fio_read_cpu" -v b="$T_CPU" 'BEGIN { printf "%.2f", a + b }')" "$churn_bytes" "$((fio_read_rss > T_RSS_KB ? fio_read_rss : T_RSS_KB))" - "the floor: just the changed blocks"
 
 # --- verify ------------------------------------------------------------------------------------
 say "verify: our target against the churned source"
@@ -321,13 +324,14 @@ ratio "ours / fio read + write (delta time)" "<=" 3 "${sec_of[ours_delta]}" "${s
     echo "Measured $(date -u '+%Y-%m-%d %H:%M UTC') on $(nproc) cores" \
         "($(lscpu | sed -n 's/^Model name: *//p' | head -n 1)), $(. /etc/os-release && echo "$PRETTY_NAME")," \
         "kernel $(uname -r), file system $fs_type; commit $commit."
-    echo "Seconds are wall time (fio: its own I/O time); MB/s is the step's data (the image for the" \
+    echo "Seconds are wall time (fio: its own I/O time); CPU s is user + system time of all the" \
+        "tool's threads and processes (fio: the whole process); MB/s is the step's data (the image for the" \
         "initial copy and hydrate, the churn for the delta) per second. The page cache is dropped" \
         "before every step (then the tool's program is loaded once); stored is what the tool's" \
         "store grew by."
     echo
-    echo "| step | tool | seconds | MB/s | peak RSS | stored | notes |"
-    echo "| --- | --- | ---: | ---: | ---: | ---: | --- |"
+    echo "| step | tool | seconds | CPU s | MB/s | peak RSS | stored | notes |"
+    echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"
     printf '%s\n' "${rows[@]}"
     echo
     echo "| ratio | goal | measured | |"
