@@ -14,9 +14,10 @@
 #   verify        our target equals the source (`harness verify` and `qemu-img compare`)
 #
 # The page cache is dropped before every timed step (then the tool's own program is loaded once,
-# so short steps do not time reading a binary from disk). Each step's wall time, throughput, peak RSS
-# and CPU time (/usr/bin/time) and bytes stored are printed as a markdown table, with the ratios the project
-# aims at, each marked met or NOT met; the table is also written to $COMPARE_DIR/table.md.
+# so short steps do not time reading a binary from disk). Each step's wall time, throughput, peak
+# RSS and CPU time (/usr/bin/time) and bytes stored are printed as a markdown table, with the
+# ratios the project aims at, each marked met or NOT met; the table is also written to
+# $COMPARE_DIR/table.md.
 # The script fails on any error of any tool or a target that differs, never on a ratio.
 #
 #   sudo benches/compare.sh                 # 4 GiB image (about 10 minutes, plus the build)
@@ -100,7 +101,9 @@ cleanup() {
 }
 trap cleanup EXIT
 mkdir -p "$W/logs"
-need_bytes=$((size_bytes * 6))
+# At the peak: the source, our cache and target, the rsync copy, the restic and borg repositories
+# (peer outputs are removed once measured).
+need_bytes=$((size_bytes * 4))
 avail_bytes=$(df -B1 --output=avail "$W" | tail -1 | tr -d ' ')
 ((avail_bytes > need_bytes)) \
     || die "$W has $((avail_bytes / mib)) MiB free; a SIZE=$SIZE run needs about $((need_bytes / mib)) MiB"
@@ -238,6 +241,7 @@ row "hydrate" "**ours: harness hydrate**" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RS
 timed hydrate-dd-write dd if=/dev/zero of="$W/dd-out.img" oflag=direct bs=1M count="$mb"
 sec_of[dd_write]=$T_SEC
 row "hydrate" "dd write (O_DIRECT, 1 MiB)" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RSS_KB" - "writes the image size once"
+rm -f "$W/dd-out.img"
 
 # --- churn -------------------------------------------------------------------------------------
 # The pre-churn copies are ready: the rsync copy, the restic and borg snapshots, our target.
@@ -270,9 +274,11 @@ row "delta" "rsync --inplace --no-whole-file" "$T_SEC" "$T_CPU" "$churn_bytes" "
 timed delta-restic restic -r "$W/restic" backup "$IMG"
 sec_of[restic_delta]=$T_SEC
 row "delta" "restic backup (incremental)" "$T_SEC" "$T_CPU" "$churn_bytes" "$T_RSS_KB" "$(($(bytes_of "$W/restic") - restic_after_initial))" "rereads the image in full"
+rm -rf -- "$W/restic"
 
 timed delta-borg borg create "$W/borg::delta" "$IMG"
 row "delta" "borg create (incremental)" "$T_SEC" "$T_CPU" "$churn_bytes" "$T_RSS_KB" "$(($(bytes_of "$W/borg") - borg_after_initial))" "rereads the image in full"
+rm -rf -- "$W/borg"
 
 fio_common=(--bs=16k --iodepth=32 --ioengine=libaio --direct=1 --size="$size_bytes"
     --io_size="$churn_bytes" --randrepeat=0 --group_reporting)
@@ -287,7 +293,8 @@ fio_io_sec() {
 timed delta-fio-read fio --name=read --filename="$IMG" --rw=randread "${fio_common[@]}"
 fio_read_sec=$(fio_io_sec delta-fio-read) fio_read_rss=$T_RSS_KB fio_read_cpu=$T_CPU
 row "delta" "fio randread 16 KiB QD32" "$fio_read_sec" "$T_CPU" "$churn_bytes" "$T_RSS_KB" - "reads as many random blocks; fio's I/O time ($T_SEC s wall)"
-timed delta-fio-write fio --name=write --filename="$W/dd-out.img" --rw=randwrite "${fio_common[@]}"
+# Written into the rsync copy, a fully allocated image already measured.
+timed delta-fio-write fio --name=write --filename="$W/rsync/source.img" --rw=randwrite "${fio_common[@]}"
 fio_write_sec=$(fio_io_sec delta-fio-write)
 row "delta" "fio randwrite 16 KiB QD32" "$fio_write_sec" "$T_CPU" "$churn_bytes" "$T_RSS_KB" - "writes as many random blocks; fio's I/O time ($T_SEC s wall)"
 sec_of[fio]=$(awk -v a="$fio_read_sec" -v b="$fio_write_sec" 'BEGIN { printf "%.3f", a + b }')

@@ -1,9 +1,9 @@
 //! `figures`: measures the engine's building blocks once and prints markdown tables, for CI logs
 //! and the README (criterion's benches give the statistics; this gives one readable page).
 //!
-//! * **bitmap**: 10 million (quick: 1 million) random 4 KiB writes marked on a 256 GiB and on a 64 TiB disk: ns per
-//!   write, the extents iterated per second, and the bitmap's memory (its own estimate and the
-//!   process's resident-set growth);
+//! * **bitmap**: 10 million (quick: 1 million) random 4 KiB writes marked on a 256 GiB and on a
+//!   64 TiB disk: ns per write, the extents iterated per second, and the bitmap's memory (its own
+//!   estimate and the process's resident-set growth);
 //! * **blob codec**: encode (CRC-32, zstd level 1, AES-256-GCM) and decode MB/s per blob size
 //!   (64 KiB, 1 MiB, 4 MiB) and content (text, binary records, random, zero, a realistic mix),
 //!   over 32 MiB (quick: 8 MiB) of each content cut into blobs, and what the blobs store per
@@ -13,8 +13,8 @@
 //!
 //!   cargo run --release -p replicator-benches --bin figures -- [--quick] [--out FILE] [--writes N]
 //!
-//! `--quick` shortens every measurement (about 30 s in all on 2 cores; the full run takes a few
-//! minutes and about 5 GiB of memory for the 64 TiB bitmap) for CI; `--writes` sets the bitmap's
+//! `--quick` shortens every measurement for CI (under 30 s in all on 2 cores; the full run takes a
+//! few minutes and about 5 GiB of memory for the 64 TiB bitmap); `--writes` sets the bitmap's
 //! write count. Everything printed is measured in this run.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a binary that prints its figures
