@@ -171,7 +171,15 @@ row() {
     else
         stored_h=$(awk -v b="$stored" 'BEGIN { printf "%.1f MiB", b / 1048576 }')
     fi
-    rows+=("| $step | $tool | $sec | $cpu | $rate | $(awk -v k="$rss" 'BEGIN { printf "%.0f MiB", k / 1024 }') | $stored_h | $notes |")
+    # Prefixed with the step's rank, so the table lists steps in order whatever the run's order.
+    local rank
+    case $step in
+        "initial copy") rank=1 ;;
+        hydrate) rank=2 ;;
+        churn) rank=3 ;;
+        *) rank=4 ;;
+    esac
+    rows+=("$rank	| $step | $tool | $sec | $cpu | $rate | $(awk -v k="$rss" 'BEGIN { printf "%.0f MiB", k / 1024 }') | $stored_h | $notes |")
 }
 declare -A sec_of
 
@@ -214,6 +222,18 @@ timed initial-qcow2-zstd qemu-img convert -c -O qcow2 -o compression_type=zstd "
 row "initial copy" "qemu-img convert -c (zstd)" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RSS_KB" "$(bytes_of "$W/source.qcow2")" "compressed qcow2"
 rm -f "$W/source.qcow2"
 
+# --- hydrate -----------------------------------------------------------------------------------
+# Before the peers' initial copies, so dd's output never shares the disk with their stores.
+truncate -s "$size_bytes" "$TGT"
+timed hydrate-ours "$HARNESS" hydrate --target "$TGT" --sink "$CACHE" --state "$W/tgt-state" --key-file "$KEY"
+sec_of[ours_hydrate]=$T_SEC
+row "hydrate" "**ours: harness hydrate**" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RSS_KB" - "fetch, verify, decrypt, decompress, write"
+
+timed hydrate-dd-write dd if=/dev/zero of="$W/dd-out.img" oflag=direct bs=1M count="$mb"
+sec_of[dd_write]=$T_SEC
+row "hydrate" "dd write (O_DIRECT, 1 MiB)" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RSS_KB" - "writes the image size once"
+rm -f "$W/dd-out.img"
+# --- initial copy, continued: backups and a full copy -------------------------------------------
 restic -r "$W/restic" init >"$W/logs/restic-init.log" 2>&1 \
     || { cat "$W/logs/restic-init.log" >&2; die "restic init failed"; }
 timed initial-restic restic -r "$W/restic" backup "$IMG"
@@ -231,17 +251,6 @@ row "initial copy" "borg create" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RSS_KB" "$b
 mkdir -p "$W/rsync"
 timed initial-rsync rsync --stats "$IMG" "$W/rsync/"
 row "initial copy" "rsync (full copy)" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RSS_KB" "$(bytes_of "$W/rsync")" "local whole-file copy"
-
-# --- hydrate -----------------------------------------------------------------------------------
-truncate -s "$size_bytes" "$TGT"
-timed hydrate-ours "$HARNESS" hydrate --target "$TGT" --sink "$CACHE" --state "$W/tgt-state" --key-file "$KEY"
-sec_of[ours_hydrate]=$T_SEC
-row "hydrate" "**ours: harness hydrate**" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RSS_KB" - "fetch, verify, decrypt, decompress, write"
-
-timed hydrate-dd-write dd if=/dev/zero of="$W/dd-out.img" oflag=direct bs=1M count="$mb"
-sec_of[dd_write]=$T_SEC
-row "hydrate" "dd write (O_DIRECT, 1 MiB)" "$T_SEC" "$T_CPU" "$size_bytes" "$T_RSS_KB" - "writes the image size once"
-rm -f "$W/dd-out.img"
 
 # --- churn -------------------------------------------------------------------------------------
 # The pre-churn copies are ready: the rsync copy, the restic and borg snapshots, our target.
@@ -339,7 +348,7 @@ ratio "ours / fio read + write (delta time)" "<=" 3 "${sec_of[ours_delta]}" "${s
     echo
     echo "| step | tool | seconds | CPU s | MB/s | peak RSS | stored | notes |"
     echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"
-    printf '%s\n' "${rows[@]}"
+    printf '%s\n' "${rows[@]}" | sort -s -n -k1,1 | cut -f2-
     echo
     echo "| ratio | goal | measured | |"
     echo "| --- | --- | ---: | --- |"
