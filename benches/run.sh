@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Runs the replicator's criterion benchmarks and says where criterion wrote the results.
 #
-#   benches/run.sh                 # everything (about 3 minutes after the build on 2 cores)
+#   benches/run.sh                 # everything (about 15 minutes after the build on 2 cores,
+#                                  # half of it the 10-million-write bitmap on a 64 TiB disk)
 #   benches/run.sh cycle           # only benchmarks whose id contains "cycle"
 #   benches/run.sh --test          # each benchmark once, as CI does (a few seconds)
 #   benches/run.sh --save-baseline before   # then later: --baseline before
+#
+# For the same figures measured once and printed as tables:
+#   cargo run --release -p replicator-benches --bin figures [-- --quick]
+# Side by side with peer tools (dd, zstd, qemu-img, restic, borg, rsync, fio): benches/compare.sh.
 #
 # Arguments go to criterion (after cargo's `--`). Plots are off (`--noplot`): the numbers are in
 # the console output and in <target>/criterion/<group>/<bench>/new/estimates.json.

@@ -109,6 +109,15 @@ if ((quick == 0)); then
     step "benchmarks compile and run once (criterion --test)"
     cargo bench -p replicator-benches --locked -- --test
 
+    step "engine figures, measured (bitmap, blob codec, pipeline; quick mode, release build)"
+    cargo run -p replicator-benches --release --locked --quiet --bin figures -- --quick \
+        --out "${CARGO_TARGET_DIR:-target}/bench-figures.md"
+
+    step "side by side with dd, zstd, qemu-img, restic, borg, rsync and fio (512 MiB image)"
+    # Installs the peers it needs, builds the release harness, prints its table (also written to
+    # <target>/compare/table.md); fails on any tool's error or a target that differs, not on a ratio.
+    SIZE=512M benches/compare.sh
+
     step "deterministic simulation: ${SIM_SEEDS:=24} seeds, release build, with its figures"
     # The nextest run above already ran the fixed seeds in debug; this prints the rate.
     cargo run -p replicator-sim --release --locked --quiet -- --seeds "$SIM_SEEDS" --steps 200

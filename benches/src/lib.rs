@@ -13,6 +13,8 @@
 //!
 //! Everything is derived from a seed through [`ChaCha8Rng`], so every run measures the same bytes.
 
+pub mod pipeline;
+
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use replicator_core::bitmap::{Extent, SECTOR_SIZE};
@@ -296,6 +298,37 @@ pub fn scattered_offsets(
     out
 }
 
+/// `count` offsets of `block_bytes`-long writes aligned to `block_bytes`, drawn uniformly at random
+/// over a disk of `disk_bytes` with repeats (as random writes come: some hit a block twice).
+pub fn random_block_offsets(
+    rng: &mut ChaCha8Rng,
+    disk_bytes: u64,
+    count: usize,
+    block_bytes: u64,
+) -> Vec<u64> {
+    let blocks = disk_bytes / block_bytes;
+    (0..count)
+        .map(|_| rng.random_range(0..blocks) * block_bytes)
+        .collect()
+}
+
+/// `len` bytes of one kind of content only, from `seed`.
+pub fn kind_bytes(kind: BlockKind, len: usize, seed: u64) -> Vec<u8> {
+    let mut mix = ContentMix {
+        text: 0,
+        binary: 0,
+        random: 0,
+        zero: 0,
+    };
+    match kind {
+        BlockKind::Text => mix.text = 1,
+        BlockKind::Binary => mix.binary = 1,
+        BlockKind::Random => mix.random = 1,
+        BlockKind::Zero => mix.zero = 1,
+    }
+    DataGen::with_mix(seed, mix).bytes(len)
+}
+
 /// Lays disk data out as a blob, exactly as a cycle does (through
 /// `replicator_core::source::split_zero_runs`). `segments` are `(offset_bytes, bytes)` pairs,
 /// sorted by offset, non-overlapping, sector-aligned. Returns the extents and the data extents'
@@ -349,6 +382,31 @@ mod tests {
         assert_eq!(extents[1].start_sector, 16 + 8);
         assert_eq!(extents[1].sector_count, 16);
         assert_eq!(data.len(), 2 * BLOCK_BYTES);
+    }
+
+    #[test]
+    fn random_offsets_are_aligned_and_inside_the_disk() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let offs = random_block_offsets(&mut rng, 1 << 30, 10_000, 4096);
+        assert_eq!(offs.len(), 10_000);
+        assert!(offs.iter().all(|o| o % 4096 == 0 && *o < 1 << 30));
+        let set: std::collections::HashSet<_> = offs.iter().collect();
+        // About n²/2N = 190 repeats are expected among 262,144 blocks.
+        assert!(set.len() > 9_700 && set.len() < 10_000, "{}", set.len());
+    }
+
+    #[test]
+    fn kind_bytes_hold_one_kind() {
+        assert!(
+            kind_bytes(BlockKind::Zero, 1 << 16, 1)
+                .iter()
+                .all(|&b| b == 0)
+        );
+        let text = kind_bytes(BlockKind::Text, 1 << 16, 1);
+        assert!(text.iter().all(|b| b.is_ascii()), "text is ASCII");
+        assert_eq!(text, kind_bytes(BlockKind::Text, 1 << 16, 1));
+        let random = kind_bytes(BlockKind::Random, 1 << 16, 1);
+        assert!(random.iter().filter(|&&b| b == 0).count() < 1 << 10);
     }
 
     #[test]

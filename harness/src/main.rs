@@ -8,6 +8,7 @@ mod bars;
 mod commands;
 mod demo;
 mod fio;
+mod image;
 mod ktrack;
 mod loopdev;
 mod memory;
@@ -82,6 +83,8 @@ enum Command {
     /// Run a scenario file (TOML, see docs/SCENARIOS.md): disks, workloads, cycles, faults and
     /// expectations; writes a JSON report and a summary, exits 1 naming any failed expectation.
     Scenario(scenario::ScenarioArgs),
+    /// Write a realistic file-system-like image (text, binary, random, sparse zero segments).
+    Image(image::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -123,6 +126,7 @@ fn main() -> ExitCode {
             Command::Track(args) => ktrack::run(args).await,
             Command::Assess(args) => assess::run(args).await,
             Command::Scenario(args) => scenario::run(args).await,
+            Command::Image(args) => image::run(args),
         }
     });
     if report_memory && let Some(peak) = memory::peak_rss_bytes() {
