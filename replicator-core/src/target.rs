@@ -41,10 +41,11 @@ use crate::tracker::{CbtTracker, Generation, TrackerConfig};
 const STAGING_DIR: &str = "staging";
 /// Bytes of zeros written (or probed) per call for a zero extent.
 const ZERO_WRITE_BYTES: usize = 1 << 20;
-/// Zero extents at least this long are read first and left alone where the target already holds
-/// zeros (a fresh sparse image stays sparse; reading a hole costs no I/O); shorter ones are
-/// written, which is cheaper than a read.
-pub const ZERO_PROBE_MIN_BYTES: u64 = 1 << 20;
+/// Zero extents at least this long (64 KiB) are read first and left alone where the target
+/// already holds zeros (a fresh sparse image stays sparse; reading a hole costs no I/O); shorter
+/// ones (the zero tails of database pages) are written, which is cheaper than a read. Not larger:
+/// a churned file system's free space is cut into pieces by the blocks written into it.
+pub const ZERO_PROBE_MIN_BYTES: u64 = 64 << 10;
 
 /// Settings of hydration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
