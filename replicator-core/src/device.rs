@@ -3,10 +3,16 @@
 //! [`BlockDevice`] is positioned, synchronous I/O on a fixed-size byte array. [`FileDevice`] opens
 //! an image file or a Linux block device (a loop device, a partition); [`MemDevice`] holds a disk
 //! in memory for tests. Trackers wrap a device and are devices themselves.
+//!
+//! Reads of a [`FileDevice`] go around the page cache (`O_DIRECT`) when the buffer, offset and
+//! length allow it ([`DIRECT_ALIGN_BYTES`]; [`AlignedBuf`] gives such buffers): a cycle reads each
+//! byte once, so caching it only evicts what the machine's applications use, and a direct read
+//! lands in the caller's buffer without a copy. Unaligned edges, and files that refuse
+//! `O_DIRECT` (tmpfs), are read through the page cache.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
@@ -162,10 +168,83 @@ pub fn check_range<D: BlockDevice + ?Sized>(
     }
 }
 
+/// Alignment of direct reads: buffer address, file offset and length must all be multiples of it.
+/// 4096 covers every logical block size Linux devices use (512 or 4096).
+pub const DIRECT_ALIGN_BYTES: usize = 4096;
+
+/// A zero-filled byte buffer whose start is aligned to [`DIRECT_ALIGN_BYTES`], so that
+/// [`FileDevice`] reads into it directly (no bounce copy). Safe code only: it over-allocates by
+/// one alignment and uses the aligned part.
+pub struct AlignedBuf {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes.
+    pub fn zeroed(len: usize) -> Self {
+        let storage = vec![0u8; len + DIRECT_ALIGN_BYTES];
+        let start = storage.as_ptr().align_offset(DIRECT_ALIGN_BYTES);
+        // `align_offset` may give up (usize::MAX); the buffer then just stays unaligned and reads
+        // take the page-cache path.
+        let start = if start < DIRECT_ALIGN_BYTES { start } else { 0 };
+        AlignedBuf {
+            storage,
+            start,
+            len,
+        }
+    }
+
+    /// Its length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Its capacity: how long [`AlignedBuf::resize`] can make it without reallocating.
+    pub fn capacity(&self) -> usize {
+        self.storage.len() - self.start
+    }
+
+    /// Sets the length to `len` (contents unspecified), reallocating only past the capacity.
+    pub fn resize(&mut self, len: usize) {
+        if len > self.capacity() {
+            *self = AlignedBuf::zeroed(len);
+        } else {
+            self.len = len;
+        }
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+
+    /// The bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
 /// An image file or a block device opened for positioned I/O.
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,
+    /// The same file opened read-only with `O_DIRECT`, if the file system allows it.
+    direct: Option<File>,
     name: String,
     size_bytes: u64,
 }
@@ -202,10 +281,37 @@ impl FileDevice {
                 format!("size {size_bytes} bytes is not a multiple of {SECTOR_SIZE}-byte sectors"),
             ));
         }
+        // Refused by some file systems (tmpfs: EINVAL): reads then all use the page cache.
+        let direct = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok();
         Ok(FileDevice {
             file,
+            direct,
             name,
             size_bytes,
+        })
+    }
+
+    /// Whether aligned reads bypass the page cache (the file system accepted `O_DIRECT`).
+    pub fn reads_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    fn read_buffered(&self, buf: &mut [u8], offset_bytes: u64) -> Result<(), DeviceError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.file.read_exact_at(buf, offset_bytes).map_err(|e| {
+            DeviceError::io(
+                &self.name,
+                DeviceOp::Read,
+                offset_bytes,
+                buf.len() as u64,
+                e,
+            )
         })
     }
 
@@ -242,15 +348,43 @@ impl BlockDevice for FileDevice {
 
     fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> Result<(), DeviceError> {
         check_range(self, DeviceOp::Read, offset_bytes, buf.len() as u64)?;
-        self.file.read_exact_at(buf, offset_bytes).map_err(|e| {
-            DeviceError::io(
-                &self.name,
-                DeviceOp::Read,
-                offset_bytes,
-                buf.len() as u64,
-                e,
-            )
-        })
+        let align = DIRECT_ALIGN_BYTES as u64;
+        let Some(direct) = &self.direct else {
+            return self.read_buffered(buf, offset_bytes);
+        };
+        // The part of `buf` whose memory and file offset are both aligned goes direct; it exists
+        // only when the buffer's misalignment equals the offset's.
+        let skew = (align - offset_bytes % align) % align;
+        let ptr_skew = buf.as_ptr().align_offset(DIRECT_ALIGN_BYTES) as u64;
+        let len = buf.len() as u64;
+        if ptr_skew != skew || skew >= len {
+            return self.read_buffered(buf, offset_bytes);
+        }
+        let middle = (len - skew) / align * align;
+        if middle == 0 {
+            return self.read_buffered(buf, offset_bytes);
+        }
+        let (head, rest) = buf.split_at_mut(skew as usize);
+        let (mid, tail) = rest.split_at_mut(middle as usize);
+        self.read_buffered(head, offset_bytes)?;
+        let mid_offset = offset_bytes + skew;
+        match direct.read_exact_at(mid, mid_offset) {
+            Ok(()) => {}
+            // A device or file that turns direct reads down after opening: read it cached.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.read_buffered(mid, mid_offset)?;
+            }
+            Err(e) => {
+                return Err(DeviceError::io(
+                    &self.name,
+                    DeviceOp::Read,
+                    mid_offset,
+                    middle,
+                    e,
+                ));
+            }
+        }
+        self.read_buffered(tail, mid_offset + middle)
     }
 
     fn write_at(&self, buf: &[u8], offset_bytes: u64) -> Result<(), DeviceError> {

@@ -520,6 +520,41 @@ fn nonce_for(kind: ObjectKind, seq: u32) -> [u8; NONCE_LEN] {
     n
 }
 
+thread_local! {
+    /// One zstd compression context per thread and level, kept between blobs: making one costs
+    /// more than compressing a small blob.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Appends the zstd frame of `data` (as `zstd::bulk::compress` makes it: one frame recording its
+/// content size) to `out`, within `out`'s spare capacity and only if strictly smaller than
+/// `data`. Returns whether it did; otherwise `out` may hold a partial frame past its old length,
+/// which the caller truncates.
+fn compress_into(out: &mut Vec<u8>, data: &[u8], level: i32) -> bool {
+    let start = out.len();
+    let room = out.capacity().saturating_sub(start);
+    if room == 0 {
+        return false;
+    }
+    COMPRESSOR.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        if cached.as_ref().is_none_or(|(l, _)| *l != level) {
+            *cached = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
+        }
+        let Some((_, compressor)) = cached.as_mut() else {
+            return false;
+        };
+        let mut cursor = std::io::Cursor::new(&mut *out);
+        cursor.set_position(len64(start));
+        // Too little room (the frame would not be smaller) is an error here: stored raw then.
+        match compressor.compress_to_buffer(data, &mut cursor) {
+            Ok(n) => n < data.len(),
+            Err(_) => false,
+        }
+    })
+}
+
 /// Bounds-checked cursor over untrusted bytes. Never panics.
 struct Reader<'a> {
     buf: &'a [u8],
@@ -1012,22 +1047,15 @@ impl Session {
                 limit: u64::from(MAX_EXTENTS_PER_BLOB),
             })?;
         let crc = crc32fast::hash(data);
-        let compressed = if data.is_empty() {
-            None
-        } else {
-            let c = zstd::bulk::compress(data, zstd_level)
-                .map_err(|e| FormatError::Compress(e.to_string()))?;
-            (c.len() < data.len()).then_some(c)
-        };
-        let (flags, body): (u8, &[u8]) = match &compressed {
-            Some(c) => (BLOB_FLAG_COMPRESSED, c),
-            None => (0, data),
-        };
+        // Room for the body stored raw, the largest it can be: the compressed body is written
+        // straight into the object behind the fixed fields (no second buffer, no copy), and
+        // replaced by the raw data if it is not strictly smaller.
         let inner_len = BLOB_FIXED_LEN
             .saturating_add(extents.len().saturating_mul(EXTENT_RECORD_LEN))
-            .saturating_add(body.len());
+            .saturating_add(data.len());
         self.seal(ObjectKind::Blob, seq, inner_len, |out| {
-            out.push(flags);
+            let flags_at = out.len();
+            out.push(0);
             out.extend_from_slice(&extent_count.to_le_bytes());
             for e in extents {
                 out.extend_from_slice(&e.start_sector.to_le_bytes());
@@ -1039,8 +1067,22 @@ impl Session {
             }
             out.extend_from_slice(&data_len.to_le_bytes());
             out.extend_from_slice(&crc.to_le_bytes());
-            out.extend_from_slice(&len64(body.len()).to_le_bytes());
-            out.extend_from_slice(body);
+            let body_len_at = out.len();
+            out.extend_from_slice(&0u64.to_le_bytes());
+            let body_at = out.len();
+            let compressed = !data.is_empty() && compress_into(out, data, zstd_level);
+            if compressed {
+                if let Some(flags) = out.get_mut(flags_at) {
+                    *flags = BLOB_FLAG_COMPRESSED;
+                }
+            } else {
+                out.truncate(body_at);
+                out.extend_from_slice(data);
+            }
+            let body_len = len64(out.len().saturating_sub(body_at)).to_le_bytes();
+            for (dst, src) in out.iter_mut().skip(body_len_at).zip(body_len) {
+                *dst = src;
+            }
         })
     }
 

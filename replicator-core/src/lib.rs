@@ -17,6 +17,7 @@ pub mod format;
 pub mod gc;
 pub mod keys;
 pub mod layout;
+pub mod pipeline;
 pub mod progress;
 pub mod schedule;
 pub mod source;

@@ -12,7 +12,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use replicator_sink::{PutMode, Sink};
 
 use crate::bitmap::{Extent, SECTOR_SIZE, SectorBitmap};
@@ -21,20 +20,19 @@ use crate::clock::{Clock, Timestamp};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::{
-    self, AckStatus, BlobExtent, Catalog, Expect, ExtentKind, Manifest, ManifestBlob,
-    ResyncRequest, Session,
+    self, AckStatus, BlobExtent, Catalog, Expect, Manifest, ManifestBlob, ResyncRequest, Session,
 };
 use crate::gc::{GcPolicy, plan_gc, run_gc};
 use crate::keys::{DiskId, DiskKey, MasterKey};
 use crate::layout;
+use crate::pipeline::{self, EncodeSettings, EncodedBlob, Job};
 use crate::progress::Progress;
 use crate::state::{
     InFlightCycle, PendingCycle, ResyncState, SOURCE_FILE, STATE_VERSION, SourceState, StateDir,
 };
 use crate::tracker::{CbtTracker, ChangeTracker, OpenReport, TrackerConfig};
 
-/// Granularity of all-zero detection inside an extent: 4 KiB.
-pub const ZERO_DETECT_BYTES: u64 = 4096;
+pub use crate::pipeline::ZERO_DETECT_BYTES;
 
 /// Limits and settings of shipping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +47,11 @@ pub struct ShipConfig {
     pub blobs_queued_max: usize,
     /// Puts running at once, at most. 4.
     pub puts_in_flight_max: usize,
+    /// Threads reading, checksumming, compressing and encrypting blobs; 0 = one per core. Each
+    /// holds at most one blob's read buffer and one encoded blob.
+    pub encode_threads: usize,
+    /// Reads in flight per encoding thread (a delta's many small extents are read at once). 16.
+    pub read_depth: usize,
     /// Shipped cycles the target has not acknowledged, at most; shipping refuses beyond. 64.
     pub unacked_cycles_max: usize,
     /// What each ship's garbage collection keeps.
@@ -65,6 +68,8 @@ impl Default for ShipConfig {
             zstd_level: 1,
             blobs_queued_max: 4,
             puts_in_flight_max: 4,
+            encode_threads: 0,
+            read_depth: 16,
             unacked_cycles_max: 64,
             gc: GcPolicy::default(),
             resync_block_bytes: catalog::DEFAULT_BLOCK_BYTES,
@@ -560,52 +565,13 @@ impl<I: Iterator<Item = Extent>> Iterator for BlobPlan<I> {
 /// Splits the data read for `extents` (`buf` holds their bytes, in order) into data and zero
 /// blob extents at [`ZERO_DETECT_BYTES`] granularity, merging neighbours of one kind. Returns the
 /// blob extents, the data extents' bytes concatenated (what `Session::encode_blob` takes), and
-/// the number of zero bytes. This is exactly how a cycle lays out its blobs.
+/// the number of zero bytes. This is exactly how a cycle lays out its blobs (the cycle itself
+/// does it in place, [`crate::pipeline::compact_zero_runs`]).
 pub fn split_zero_runs(extents: &[Extent], buf: &[u8]) -> (Vec<BlobExtent>, Vec<u8>, u64) {
-    let mut out: Vec<BlobExtent> = Vec::new();
-    let mut data = Vec::with_capacity(buf.len());
-    let mut zero_bytes = 0u64;
-    let mut pos = 0usize;
-    let step = (ZERO_DETECT_BYTES / SECTOR_SIZE) as usize;
-    for e in extents {
-        let mut s = 0usize;
-        let n = e.sector_count as usize;
-        while s < n {
-            let k = step.min(n - s);
-            let bytes = &buf[pos + s * SECTOR_SIZE as usize..pos + (s + k) * SECTOR_SIZE as usize];
-            let kind = if bytes.iter().all(|&b| b == 0) {
-                zero_bytes += bytes.len() as u64;
-                ExtentKind::Zero
-            } else {
-                data.extend_from_slice(bytes);
-                ExtentKind::Data
-            };
-            let start = e.start_sector + s as u64;
-            match out.last_mut() {
-                Some(last)
-                    if last.kind == kind && last.start_sector + last.sector_count == start =>
-                {
-                    last.sector_count += k as u64;
-                }
-                _ => out.push(BlobExtent {
-                    start_sector: start,
-                    sector_count: k as u64,
-                    kind,
-                }),
-            }
-            s += k;
-        }
-        pos += n * SECTOR_SIZE as usize;
-    }
+    let mut data = buf.to_vec();
+    let (out, len, zero_bytes) = pipeline::compact_zero_runs(extents, &mut data);
+    data.truncate(len);
     (out, data, zero_bytes)
-}
-
-struct EncodedBlob {
-    seq: u32,
-    bytes: Bytes,
-    tag: [u8; 16],
-    span_bytes: u64,
-    zero_bytes: u64,
 }
 
 impl<T: ChangeTracker + ?Sized + 'static> Source<T> {
@@ -1131,7 +1097,7 @@ fn scan_for_resync<T: ChangeTracker + ?Sized>(
     block_bytes: u32,
     digests: &[catalog::Digest],
     cfg: &ShipConfig,
-    mut emit: impl FnMut(&[Extent], &[u8]) -> bool,
+    emit: &mut dyn FnMut(Vec<Extent>, Vec<u8>) -> bool,
 ) -> Result<Option<ResyncScan>> {
     let disk_bytes = tracker.disk_bytes();
     let block = u64::from(block_bytes);
@@ -1173,17 +1139,15 @@ fn scan_for_resync<T: ChangeTracker + ?Sized>(
                 _ => group.push(Extent::new(offset / SECTOR_SIZE, sectors)),
             }
             group_buf.extend_from_slice(data);
-            if group_buf.len() as u64 >= span_max || group.len() >= cfg.blob_extents_max.max(1) {
-                if !emit(&group, &group_buf) {
-                    return Ok(None);
-                }
-                group.clear();
-                group_buf.clear();
+            let full =
+                group_buf.len() as u64 >= span_max || group.len() >= cfg.blob_extents_max.max(1);
+            if full && !emit(std::mem::take(&mut group), std::mem::take(&mut group_buf)) {
+                return Ok(None);
             }
         }
         at += len;
     }
-    if !group.is_empty() && !emit(&group, &group_buf) {
+    if !group.is_empty() && !emit(group, group_buf) {
         return Ok(None);
     }
     Ok(Some(ResyncScan {
@@ -1222,73 +1186,81 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
         CyclePlan::Resync { .. } => None,
     };
 
-    // Reading and encoding is blocking work on one thread; puts run concurrently here. The
-    // channel bounds the encoded blobs held in memory.
-    let (tx, mut rx) =
-        tokio::sync::mpsc::channel::<Result<EncodedBlob>>(cfg.blobs_queued_max.max(1));
+    // Reading and encoding is blocking work on worker threads (`pipeline::encode_blobs`); puts
+    // run concurrently here. The channel bounds the encoded blobs held in memory; blobs arrive
+    // in seq order.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<EncodedBlob>(cfg.blobs_queued_max.max(1));
     let tracker = Arc::clone(&src.tracker);
     let producer_session = Arc::clone(&session);
-    let level = cfg.zstd_level;
     let plan_cfg = *cfg;
+    let settings = EncodeSettings {
+        cycle,
+        attempt,
+        disk,
+        zstd_level: cfg.zstd_level,
+        threads: match cfg.encode_threads {
+            0 => pipeline::default_threads(),
+            n => n,
+        },
+        read_depth: cfg.read_depth.max(1),
+    };
     let producer = tokio::task::spawn_blocking(move || -> Result<Option<ResyncScan>> {
         let mut seq_next = 0u64;
-        // Encodes one group and hands it to the putter; false when the cycle must stop.
-        let mut emit = |group: &[Extent], buf: &[u8]| -> bool {
-            let encoded = (|| -> Result<EncodedBlob> {
-                let seq = u32::try_from(seq_next).map_err(|_| {
-                    Error::InvalidInput(
-                        "a cycle needs more than 2^32 blobs; raise the blob span".into(),
-                    )
-                })?;
-                let (extents, data, zero_bytes) = split_zero_runs(group, buf);
-                let obj = producer_session
-                    .encode_blob(seq, &extents, &data, level)
-                    .map_err(|e| Error::Object {
-                        key: layout::blob_key(&disk, cycle, attempt, seq),
-                        source: e,
-                    })?;
-                Ok(EncodedBlob {
-                    seq,
-                    bytes: obj.bytes,
-                    tag: obj.tag,
-                    span_bytes: buf.len() as u64,
-                    zero_bytes,
-                })
-            })();
+        let mut next_seq = || {
+            let seq = u32::try_from(seq_next).map_err(|_| {
+                Error::InvalidInput(
+                    "a cycle needs more than 2^32 blobs; raise the blob span".into(),
+                )
+            });
             seq_next += 1;
-            let failed = encoded.is_err();
-            !(tx.blocking_send(encoded).is_err() || failed)
+            seq
         };
-        match plan {
-            CyclePlan::Changed(frozen) => {
-                for group in BlobPlan::new(frozen.extents(), &plan_cfg) {
-                    let span: u64 = group.iter().map(Extent::len_bytes).sum();
-                    let mut buf = vec![0u8; span as usize];
-                    let mut pos = 0usize;
-                    let mut read = Ok(());
-                    for e in &group {
-                        let n = e.len_bytes() as usize;
-                        read = tracker.read_frozen(&mut buf[pos..pos + n], e.offset_bytes());
-                        if read.is_err() {
+        pipeline::encode_blobs(
+            &*tracker,
+            &producer_session,
+            settings,
+            &tx,
+            |submit| match plan {
+                CyclePlan::Changed(frozen) => {
+                    for group in BlobPlan::new(frozen.extents(), &plan_cfg) {
+                        let seq = next_seq()?;
+                        if !submit(Job {
+                            seq,
+                            group,
+                            data: None,
+                        }) {
                             break;
                         }
-                        pos += n;
                     }
-                    if let Err(e) = read {
-                        let _ = tx.blocking_send(Err(e));
-                        return Ok(None);
-                    }
-                    if !emit(&group, &buf) {
-                        return Ok(None);
+                    Ok(None)
+                }
+                CyclePlan::Resync {
+                    block_bytes,
+                    digests,
+                } => {
+                    let mut seq_error = None;
+                    let mut emit = |group: Vec<Extent>, data: Vec<u8>| -> bool {
+                        match next_seq() {
+                            Ok(seq) => submit(Job {
+                                seq,
+                                group,
+                                data: Some(data),
+                            }),
+                            Err(e) => {
+                                seq_error = Some(e);
+                                false
+                            }
+                        }
+                    };
+                    let scan =
+                        scan_for_resync(&*tracker, block_bytes, &digests, &plan_cfg, &mut emit)?;
+                    match seq_error {
+                        Some(e) => Err(e),
+                        None => Ok(scan),
                     }
                 }
-                Ok(None)
-            }
-            CyclePlan::Resync {
-                block_bytes,
-                digests,
-            } => scan_for_resync(&*tracker, block_bytes, &digests, &plan_cfg, &mut emit),
-        }
+            },
+        )
     });
 
     let mut blobs: Vec<ManifestBlob> = Vec::new();
@@ -1304,7 +1276,7 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
         // Fill the put window.
         while in_flight.len() < cfg.puts_in_flight_max.max(1) && failure.is_none() {
             match rx.recv().await {
-                Some(Ok(blob)) => {
+                Some(blob) => {
                     let key = layout::blob_key(&disk, cycle, attempt, blob.seq);
                     stored_bytes += blob.bytes.len() as u64;
                     zero_total += blob.zero_bytes;
@@ -1320,7 +1292,6 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
                         Ok(span)
                     }));
                 }
-                Some(Err(e)) => failure = Some(e),
                 None => break,
             }
         }
@@ -1406,6 +1377,7 @@ async fn futures_select_all<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::ExtentKind;
 
     #[test]
     fn blobs_split_long_runs_and_respect_extent_limits() {

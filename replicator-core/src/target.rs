@@ -19,25 +19,33 @@
 
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
 use replicator_sink::{PutMode, Sink};
 
 use crate::bitmap::{Extent, SECTOR_SIZE, SectorBitmap};
 use crate::catalog::{self, DigestCatalog};
 use crate::clock::{Clock, Timestamp};
-use crate::device::BlockDevice;
+use crate::device::{AlignedBuf, BlockDevice};
 use crate::error::{Error, ErrorKind, ReconcileFailure, Result, first_extent_note};
 use crate::format::{
     self, Ack, AckStatus, DecodedBlob, Expect, ExtentKind, Manifest, ManifestBlob, Session,
 };
 use crate::keys::{DiskId, DiskKey, MasterKey};
 use crate::layout;
+use crate::pipeline;
 use crate::progress::Progress;
 use crate::state::{STATE_VERSION, StateDir, TARGET_FILE, TargetState};
 use crate::tracker::{CbtTracker, Generation, TrackerConfig};
 
 const STAGING_DIR: &str = "staging";
-/// Bytes of zeros written per call for a zero extent.
+/// Bytes of zeros written (or probed) per call for a zero extent.
 const ZERO_WRITE_BYTES: usize = 1 << 20;
+/// Zero extents at least this long (64 KiB) are read first and left alone where the target
+/// already holds zeros (a fresh sparse image stays sparse; reading a hole costs no I/O); shorter
+/// ones (the zero tails of database pages) are written, which is cheaper than a read. Not larger:
+/// a churned file system's free space is cut into pieces by the blocks written into it.
+pub const ZERO_PROBE_MIN_BYTES: u64 = 64 << 10;
 
 /// Settings of hydration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +60,16 @@ pub struct HydrateConfig {
     /// kept digest catalog (which knows only what cycles wrote): to verify the target, or after
     /// it may have been written outside replication.
     pub catalog_reread: bool,
+    /// Threads verifying (decrypting, decompressing, checksumming) blobs; 0 = one per core.
+    /// Twice as many blobs are fetched and verified ahead of the writer, at most; with 1, one
+    /// blob at a time, so the cache sees its gets in manifest order.
+    pub decode_threads: usize,
+    /// Of a staged cycle, verified blobs are kept decoded in memory, up to this many data bytes
+    /// (64 MiB), so a delta is decoded once; the rest are staged encrypted on disk.
+    pub keep_in_memory_bytes_max: u64,
+    /// The initial copy (no committed cycle yet, so no recovery point to protect) verifies each
+    /// blob right before writing it, in one pass, instead of verifying all first. True.
+    pub initial_single_pass: bool,
 }
 
 impl Default for HydrateConfig {
@@ -60,6 +78,9 @@ impl Default for HydrateConfig {
             cycles_max: 0,
             staging_bytes_max: 8 << 30,
             catalog_reread: false,
+            decode_threads: 0,
+            keep_in_memory_bytes_max: 64 << 20,
+            initial_single_pass: true,
         }
     }
 }
@@ -668,6 +689,156 @@ fn reconcile_error(
     })))
 }
 
+/// Marks the target as applying `cycle` (persisted) before its first byte is written, tells the
+/// kept digest catalog which blocks change, and starts the write tracker afresh.
+fn begin_writing<D: BlockDevice>(
+    t: &mut Target<D>,
+    cycle: u64,
+    expected: &SectorBitmap,
+    disk_sectors: u64,
+) -> Result<()> {
+    t.state.applying_cycle = Some(cycle);
+    t.save()?;
+    // The kept digest catalog learns which blocks to read again before any of them changes.
+    if t.dir.file(CATALOG_FILE).exists() {
+        let mut dirty = read_dirty(t, disk_sectors)?;
+        dirty.union_with(expected)?;
+        t.dir.write_bitmap(CATALOG_DIRTY_FILE, &dirty)?;
+    }
+    let _ = t.tracker.take_current();
+    Ok(())
+}
+
+/// Where a blob is read from for verification.
+#[derive(Clone, Debug)]
+enum BlobFrom {
+    Sink,
+    /// Staged in the state directory, as fetched.
+    File(PathBuf),
+}
+
+/// Fetches and verifies `fetches` in order; each item is a future, so that `.buffered(n)` runs
+/// `n` fetches at once, each verified on the blocking pool as soon as it arrived.
+fn verified_blobs<'a>(
+    sink: &'a dyn Sink,
+    disk_key: &'a DiskKey,
+    disk: DiskId,
+    cycle: u64,
+    attempt: u64,
+    disk_sectors: u64,
+    fetches: Vec<(ManifestBlob, BlobFrom)>,
+) -> impl Stream<
+    Item = impl std::future::Future<Output = (ManifestBlob, Result<(Bytes, DecodedBlob)>)> + 'a,
+> + 'a {
+    futures::stream::iter(fetches).map(move |(b, from)| async move {
+        let key = layout::blob_key(&disk, cycle, attempt, b.seq);
+        let bytes = match from {
+            BlobFrom::Sink => sink.get(&key).await.map_err(Error::from),
+            BlobFrom::File(path) => std::fs::read(&path)
+                .map(Bytes::from)
+                .map_err(|e| Error::state_io(&path, "cannot read a staged blob", e)),
+        };
+        let bytes = match bytes {
+            Ok(bytes) => bytes,
+            Err(e) => return (b, Err(e)),
+        };
+        let (dk, listed, data) = (disk_key.clone(), b.clone(), bytes.clone());
+        let verified = tokio::task::spawn_blocking(move || {
+            verify_blob(
+                &dk,
+                &key,
+                &data,
+                disk,
+                cycle,
+                attempt,
+                &listed,
+                disk_sectors,
+            )
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(Error::InvalidInput(format!(
+                "a verifying thread failed: {e}"
+            )))
+        })
+        .map(|blob| (bytes, blob));
+        (b, verified)
+    })
+}
+
+/// Zero extents: what was found already zero on the target (and so not written).
+struct ZeroProbe {
+    buf: AlignedBuf,
+    zeros: Vec<u8>,
+    already_zero: SectorBitmap,
+}
+
+impl ZeroProbe {
+    fn new(disk_sectors: u64) -> Self {
+        ZeroProbe {
+            buf: AlignedBuf::zeroed(0),
+            zeros: Vec::new(),
+            already_zero: SectorBitmap::new(disk_sectors),
+        }
+    }
+}
+
+/// Writes one verified blob through the target's tracker: data extents as they are; zero
+/// extents of at least [`ZERO_PROBE_MIN_BYTES`] only where the target does not already read as
+/// zero (those sectors are recorded in `probe` and count as written), shorter ones as zeros.
+fn write_blob<D: BlockDevice>(
+    tracker: &CbtTracker<D>,
+    key: &str,
+    blob: &DecodedBlob,
+    probe: &mut ZeroProbe,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let mut data_pos = 0usize;
+    for e in &blob.extents {
+        let len = (e.sector_count * SECTOR_SIZE) as usize;
+        let offset = e.start_sector * SECTOR_SIZE;
+        match e.kind {
+            ExtentKind::Data => {
+                let chunk =
+                    blob.data
+                        .get(data_pos..data_pos + len)
+                        .ok_or_else(|| Error::Manifest {
+                            key: key.to_owned(),
+                            detail: "its data is shorter than its extents".into(),
+                        })?;
+                tracker.write_at(chunk, offset)?;
+                data_pos += len;
+            }
+            ExtentKind::Zero => {
+                let check = len as u64 >= ZERO_PROBE_MIN_BYTES;
+                let mut done = 0usize;
+                while done < len {
+                    let n = ZERO_WRITE_BYTES.min(len - done);
+                    let at = offset + done as u64;
+                    if check {
+                        probe.buf.resize(n);
+                        tracker.read_at(probe.buf.as_mut_slice(), at)?;
+                        if pipeline::is_zero(probe.buf.as_slice()) {
+                            probe
+                                .already_zero
+                                .mark_sectors(at / SECTOR_SIZE, n as u64 / SECTOR_SIZE)?;
+                            done += n;
+                            continue;
+                        }
+                    }
+                    if probe.zeros.len() < n {
+                        probe.zeros = vec![0u8; ZERO_WRITE_BYTES];
+                    }
+                    tracker.write_at(&probe.zeros[..n], at)?;
+                    done += n;
+                }
+            }
+        }
+        progress.advance(len as u64);
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn apply_cycle<D: BlockDevice>(
     t: &mut Target<D>,
@@ -706,145 +877,186 @@ async fn apply_cycle<D: BlockDevice>(
         });
     }
 
-    // Phase 1: fetch and verify every blob; stage it; nothing is written to the target.
-    let staging = t.staging(cycle);
-    std::fs::create_dir_all(&staging)
-        .map_err(|e| Error::state_io(&staging, "cannot create the staging directory", e))?;
+    let threads = match cfg.decode_threads {
+        0 => pipeline::default_threads(),
+        n => n,
+    };
+    // Blobs fetched and verified at once, ahead of the writer: each holds at most one encoded
+    // and one decoded blob. One thread: one blob at a time, fetched in manifest order.
+    let ahead = if threads <= 1 { 1 } else { threads * 2 };
     let total: u64 = manifest.blobs.iter().map(|b| b.object_len).sum();
-    let stage_locally = total <= cfg.staging_bytes_max;
-    progress.begin(&format!("verify cycle {cycle}"), total);
-    let mut covered = SectorBitmap::new(disk_sectors);
-    let mut unusable: Vec<String> = Vec::new();
-    let mut first_error: Option<Error> = None;
-    let mut blob_bytes = 0u64;
-    for b in &manifest.blobs {
-        let key = layout::blob_key(&disk, cycle, attempt, b.seq);
-        let verified = async {
-            let bytes = sink.get(&key).await?;
-            let blob = verify_blob(
-                disk_key,
-                &key,
-                &bytes,
-                disk,
-                cycle,
-                attempt,
-                b,
-                disk_sectors,
-            )?;
-            Ok::<_, Error>((bytes, blob))
-        }
-        .await;
-        match verified {
-            Ok((bytes, blob)) => {
-                for e in &blob.extents {
-                    covered.mark_extent(Extent::new(e.start_sector, e.sector_count))?;
-                }
-                let path = staging.join(b.seq.to_string());
-                if stage_locally {
-                    std::fs::write(&path, &bytes)
-                        .map_err(|e| Error::state_io(&path, "cannot stage a blob", e))?;
-                }
-                blob_bytes += bytes.len() as u64;
-            }
-            Err(e) if e.kind() == ErrorKind::Transient || e.kind() == ErrorKind::Io => {
-                progress.end();
-                return Err(e);
-            }
-            Err(e) => {
-                unusable.push(format!("{e}"));
-                first_error.get_or_insert(e);
-            }
-        }
-        progress.advance(b.object_len);
-    }
-    progress.end();
-    if covered != expected {
-        let cause = if unusable.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "; nothing was written; unusable blobs: {}",
-                unusable.join("; ")
-            )
-        };
-        return Err(reconcile_error(
-            cycle,
-            "before writing",
-            "covered by verified blobs",
-            &expected,
-            &covered,
-            cause,
-        )?);
-    }
-    if let Some(e) = first_error {
-        return Err(e);
-    }
+    let mut probe = ZeroProbe::new(disk_sectors);
+    let blob_bytes = total;
 
-    // Phase 2: write, re-checking each blob right before its bytes go out.
-    t.state.applying_cycle = Some(cycle);
-    t.save()?;
-    // The kept digest catalog learns which blocks to read again before any of them changes.
-    if t.dir.file(CATALOG_FILE).exists() {
-        let mut dirty = read_dirty(t, disk_sectors)?;
-        dirty.union_with(&expected)?;
-        t.dir.write_bitmap(CATALOG_DIRTY_FILE, &dirty)?;
-    }
-    let _ = t.tracker.take_current();
-    progress.begin(
-        &format!("apply cycle {cycle}"),
-        expected.count() * SECTOR_SIZE,
-    );
-    let zeros = vec![0u8; ZERO_WRITE_BYTES];
-    for b in &manifest.blobs {
-        let key = layout::blob_key(&disk, cycle, attempt, b.seq);
-        let path = staging.join(b.seq.to_string());
-        let bytes = if stage_locally {
-            bytes::Bytes::from(
-                std::fs::read(&path)
-                    .map_err(|e| Error::state_io(&path, "cannot read a staged blob", e))?,
-            )
-        } else {
-            // Too large to stage: fetch again; it is verified again just below.
-            sink.get(&key).await?
-        };
-        let blob = verify_blob(
-            disk_key,
-            &key,
-            &bytes,
-            disk,
-            cycle,
-            attempt,
-            b,
-            disk_sectors,
-        )?;
-        let mut data_pos = 0usize;
-        for e in &blob.extents {
-            let len = (e.sector_count * SECTOR_SIZE) as usize;
-            let offset = e.start_sector * SECTOR_SIZE;
-            match e.kind {
-                ExtentKind::Data => {
-                    let chunk =
-                        blob.data
-                            .get(data_pos..data_pos + len)
-                            .ok_or_else(|| Error::Manifest {
-                                key: key.clone(),
-                                detail: "its data is shorter than its extents".into(),
-                            })?;
-                    t.tracker.write_at(chunk, offset)?;
-                    data_pos += len;
+    if t.state.committed_cycle == 0 && cfg.initial_single_pass {
+        // The initial copy: no committed cycle to protect, so each blob is verified right before
+        // its bytes are written, in one pass. The target is marked as applying first; a failure
+        // leaves it so (not consistent) until a later cycle applies whole.
+        begin_writing(t, cycle, &expected, disk_sectors)?;
+        progress.begin(
+            &format!("apply cycle {cycle}"),
+            expected.count() * SECTOR_SIZE,
+        );
+        let mut covered = SectorBitmap::new(disk_sectors);
+        let mut unusable: Vec<String> = Vec::new();
+        let mut first_error: Option<Error> = None;
+        let fetches = manifest
+            .blobs
+            .iter()
+            .map(|b| (b.clone(), BlobFrom::Sink))
+            .collect();
+        let mut stream =
+            verified_blobs(sink, disk_key, disk, cycle, attempt, disk_sectors, fetches)
+                .buffered(ahead);
+        while let Some((b, verified)) = stream.next().await {
+            match verified {
+                Ok((_, blob)) => {
+                    for e in &blob.extents {
+                        covered.mark_extent(Extent::new(e.start_sector, e.sector_count))?;
+                    }
+                    let key = layout::blob_key(&disk, cycle, attempt, b.seq);
+                    write_blob(&t.tracker, &key, &blob, &mut probe, progress)?;
                 }
-                ExtentKind::Zero => {
-                    let mut done = 0usize;
-                    while done < len {
-                        let n = ZERO_WRITE_BYTES.min(len - done);
-                        t.tracker.write_at(&zeros[..n], offset + done as u64)?;
-                        done += n;
+                Err(e) if e.kind() == ErrorKind::Transient || e.kind() == ErrorKind::Io => {
+                    progress.end();
+                    return Err(e);
+                }
+                Err(e) => {
+                    unusable.push(format!("{e}"));
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        drop(stream);
+        progress.end();
+        if covered != expected {
+            let cause = if unusable.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; only verified blobs were written; unusable blobs: {}",
+                    unusable.join("; ")
+                )
+            };
+            return Err(reconcile_error(
+                cycle,
+                "while writing",
+                "covered by verified blobs",
+                &expected,
+                &covered,
+                cause,
+            )?);
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+    } else {
+        // Phase 1: fetch and verify every blob; keep it (decoded in memory up to a budget, else
+        // staged encrypted in the state directory); nothing is written to the target.
+        let staging = t.staging(cycle);
+        std::fs::create_dir_all(&staging)
+            .map_err(|e| Error::state_io(&staging, "cannot create the staging directory", e))?;
+        let stage_locally = total <= cfg.staging_bytes_max;
+        progress.begin(&format!("verify cycle {cycle}"), total);
+        let mut covered = SectorBitmap::new(disk_sectors);
+        let mut unusable: Vec<String> = Vec::new();
+        let mut first_error: Option<Error> = None;
+        let mut kept: Vec<Option<DecodedBlob>> = vec![None; manifest.blobs.len()];
+        let mut kept_bytes = 0u64;
+        {
+            let fetches = manifest
+                .blobs
+                .iter()
+                .map(|b| (b.clone(), BlobFrom::Sink))
+                .collect();
+            let mut stream =
+                verified_blobs(sink, disk_key, disk, cycle, attempt, disk_sectors, fetches)
+                    .buffered(ahead);
+            let mut index = 0usize;
+            while let Some((b, verified)) = stream.next().await {
+                match verified {
+                    Ok((bytes, blob)) => {
+                        for e in &blob.extents {
+                            covered.mark_extent(Extent::new(e.start_sector, e.sector_count))?;
+                        }
+                        let size = blob.data.len() as u64;
+                        if stage_locally && kept_bytes + size <= cfg.keep_in_memory_bytes_max {
+                            kept_bytes += size;
+                            if let Some(slot) = kept.get_mut(index) {
+                                *slot = Some(blob);
+                            }
+                        } else if stage_locally {
+                            let path = staging.join(b.seq.to_string());
+                            std::fs::write(&path, &bytes)
+                                .map_err(|e| Error::state_io(&path, "cannot stage a blob", e))?;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::Transient || e.kind() == ErrorKind::Io => {
+                        progress.end();
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        unusable.push(format!("{e}"));
+                        first_error.get_or_insert(e);
                     }
                 }
+                progress.advance(b.object_len);
+                index += 1;
             }
-            progress.advance(len as u64);
+        }
+        progress.end();
+        if covered != expected {
+            let cause = if unusable.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; nothing was written; unusable blobs: {}",
+                    unusable.join("; ")
+                )
+            };
+            return Err(reconcile_error(
+                cycle,
+                "before writing",
+                "covered by verified blobs",
+                &expected,
+                &covered,
+                cause,
+            )?);
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+
+        // Phase 2: write. Blobs kept decoded were verified in phase 1 and never left memory;
+        // the others are read again (staged file or cache) and verified again right before
+        // their bytes go out.
+        begin_writing(t, cycle, &expected, disk_sectors)?;
+        progress.begin(
+            &format!("apply cycle {cycle}"),
+            expected.count() * SECTOR_SIZE,
+        );
+        let mut again = Vec::new();
+        for (b, slot) in manifest.blobs.iter().zip(kept.iter_mut()) {
+            let key = layout::blob_key(&disk, cycle, attempt, b.seq);
+            match slot.take() {
+                Some(blob) => write_blob(&t.tracker, &key, &blob, &mut probe, progress)?,
+                None if stage_locally => {
+                    again.push((b.clone(), BlobFrom::File(staging.join(b.seq.to_string()))))
+                }
+                None => again.push((b.clone(), BlobFrom::Sink)),
+            }
+        }
+        drop(kept);
+        let mut stream = verified_blobs(sink, disk_key, disk, cycle, attempt, disk_sectors, again)
+            .buffered(ahead);
+        while let Some((b, verified)) = stream.next().await {
+            let (_, blob) = verified?;
+            let key = layout::blob_key(&disk, cycle, attempt, b.seq);
+            write_blob(&t.tracker, &key, &blob, &mut probe, progress)?;
         }
     }
+    // Sectors found already zero hold what the cycle says: they count as written.
+    crate::tracker::ChangeTracker::carry(&t.tracker, &probe.already_zero)?;
     t.tracker.flush()?;
     progress.end();
 
@@ -865,7 +1077,7 @@ async fn apply_cycle<D: BlockDevice>(
     t.state.applying_cycle = None;
     t.state.committed_acked = false;
     t.save()?;
-    let _ = std::fs::remove_dir_all(&staging);
+    let _ = std::fs::remove_dir_all(t.staging(cycle));
     put_ack(
         t,
         sink,

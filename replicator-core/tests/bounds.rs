@@ -89,6 +89,7 @@ async fn a_stalled_sink_holds_the_reader_to_the_pipeline_budget() -> anyhow::Res
         blob_span_bytes_max: span,
         blobs_queued_max: 2,
         puts_in_flight_max: 3,
+        encode_threads: 2,
         ..ShipConfig::default()
     };
     let sink = Arc::new(Stalled::default());
@@ -113,8 +114,9 @@ async fn a_stalled_sink_holds_the_reader_to_the_pipeline_budget() -> anyhow::Res
     }
     let read_bytes = read.load(Ordering::SeqCst);
     let puts = sink.puts_started.load(Ordering::SeqCst);
-    // In flight (3), queued in the channel (2), and one the reader holds while it waits to send.
-    let budget_blobs = 3 + 2 + 1;
+    // In flight (3), queued in the channel (2), and one per encoding thread (2), each holding the
+    // blob it waits to send; the jobs queued for the threads are not read yet.
+    let budget_blobs = 3 + 2 + 2;
     assert_eq!(puts, 3, "puts in flight are capped at puts_in_flight_max");
     assert!(
         read_bytes <= budget_blobs * span,

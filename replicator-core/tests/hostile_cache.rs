@@ -243,8 +243,12 @@ impl Bed {
             .target
             .as_mut()
             .ok_or_else(|| anyhow::anyhow!("target {d} is closed"))?;
+        // Every cycle, the initial copy included, verified whole before anything is written:
+        // the table holds the target untouched for all of them. (By default an initial copy is
+        // verified blob by blob as it is written; `cycles.rs` tests that mode.)
         let cfg = HydrateConfig {
             cycles_max,
+            initial_single_pass: false,
             ..HydrateConfig::default()
         };
         Ok(hydrate(

@@ -332,6 +332,9 @@ impl World {
             // Some seeds stage nothing: blobs are fetched and verified again for writing.
             staging_bytes_max: if rng.random_bool(0.3) { 0 } else { 8 << 30 },
             catalog_reread: rng.random_bool(0.2),
+            // One get at a time: the order of sink operations is the seed's.
+            decode_threads: 1,
+            ..HydrateConfig::default()
         };
         let plan = FaultPlan {
             p: rng.random_range(0.005..0.06),

@@ -507,21 +507,6 @@ impl<D: BlockDevice> ChangeTracker for CbtTracker<D> {
     /// Reads `buf.len()` bytes at `offset_bytes` as they were when the epoch was frozen. Every
     /// sector of the range must be in the frozen bitmap. Those sectors need no preserving after.
     fn read_frozen(&self, buf: &mut [u8], offset_bytes: u64) -> Result<()> {
-        let mut inner = self.lock();
-        let Inner {
-            frozen, cow_file, ..
-        } = &mut *inner;
-        let Some(frozen) = frozen.as_mut() else {
-            return Err(Error::InvalidInput(format!(
-                "{}: no epoch is frozen",
-                self.name
-            )));
-        };
-        if frozen.exhausted {
-            return Err(Error::CowExhausted {
-                limit_bytes: self.cfg.cow_bytes_max,
-            });
-        }
         if !offset_bytes.is_multiple_of(SECTOR_SIZE)
             || !(buf.len() as u64).is_multiple_of(SECTOR_SIZE)
         {
@@ -531,7 +516,36 @@ impl<D: BlockDevice> ChangeTracker for CbtTracker<D> {
                 buf.len()
             )));
         }
+        let epoch = {
+            let inner = self.lock();
+            let Some(frozen) = inner.frozen.as_ref() else {
+                return Err(Error::InvalidInput(format!(
+                    "{}: no epoch is frozen",
+                    self.name
+                )));
+            };
+            frozen.epoch
+        };
+        // The device is read without the lock, so that several reads (and writers) proceed at
+        // once. A write meanwhile to a sector of this range preserves the sector's frozen
+        // content first (it is still unread), and that preserved copy is laid over the buffer
+        // below, under the lock: the result is the disk as of the freeze either way.
         self.dev.read_at(buf, offset_bytes)?;
+        let mut inner = self.lock();
+        let Inner {
+            frozen, cow_file, ..
+        } = &mut *inner;
+        let Some(frozen) = frozen.as_mut().filter(|f| f.epoch == epoch) else {
+            return Err(Error::InvalidInput(format!(
+                "{}: the frozen epoch {epoch} ended while it was being read",
+                self.name
+            )));
+        };
+        if frozen.exhausted {
+            return Err(Error::CowExhausted {
+                limit_bytes: self.cfg.cow_bytes_max,
+            });
+        }
         let start = offset_bytes / SECTOR_SIZE;
         let count = buf.len() as u64 / SECTOR_SIZE;
         let end = start + count;

@@ -1,0 +1,369 @@
+//! The parallel stages of a cycle, and their bounds.
+//!
+//! Source: a producer cuts the frozen sectors into blob groups (numbered in order: seq numbers do
+//! not depend on timing); [`encode_blobs`] reads each group (large reads split into pieces read at
+//! once, so the device sees a deep queue), finds its all-zero runs, checksums, compresses and
+//! encrypts it on `threads` worker threads, and hands the encoded blobs to the putter **in seq
+//! order** (a worker that finishes early waits with its one blob). Bytes in flight are bounded by
+//! the worker count, the job queue and the putter's queue, never by the disk size.
+//!
+//! Copies: a group is read straight into an aligned buffer (no copy with `O_DIRECT`); zero runs
+//! are cut out by moving the data behind them down in place; the encoder then writes the
+//! (compressed) body once into the object, which is encrypted in place.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+
+use bytes::Bytes;
+
+use crate::bitmap::{Extent, SECTOR_SIZE};
+use crate::device::AlignedBuf;
+use crate::error::{Error, Result};
+use crate::format::{BlobExtent, ExtentKind, Session};
+use crate::keys::DiskId;
+use crate::layout;
+use crate::tracker::ChangeTracker;
+
+/// Granularity of all-zero detection inside an extent: 4 KiB.
+pub const ZERO_DETECT_BYTES: u64 = 4096;
+
+/// Largest single read of a group: longer extents are read as several pieces at once.
+pub const READ_PIECE_BYTES: u64 = 4 << 20;
+
+/// Whether every byte of `bytes` is zero. Word-wise, so it runs near memory speed.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let mut chunks = bytes.chunks_exact(64);
+    let whole = chunks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |acc, b| acc | b) == 0);
+    whole && chunks.remainder().iter().all(|&b| b == 0)
+}
+
+/// Cuts the all-zero runs out of the data read for `extents` (`buf` holds their bytes, in order)
+/// at [`ZERO_DETECT_BYTES`] granularity, merging neighbours of one kind, and moves the data
+/// extents' bytes to the front of `buf`, in place. Returns the blob extents, the length of the
+/// data now at the front of `buf`, and the number of zero bytes.
+pub fn compact_zero_runs(extents: &[Extent], buf: &mut [u8]) -> (Vec<BlobExtent>, usize, u64) {
+    let mut out: Vec<BlobExtent> = Vec::new();
+    let mut data_len = 0usize;
+    let mut zero_bytes = 0u64;
+    let mut pos = 0usize;
+    let sector = SECTOR_SIZE as usize;
+    let step = (ZERO_DETECT_BYTES / SECTOR_SIZE) as usize;
+    for e in extents {
+        let mut s = 0usize;
+        let n = e.sector_count as usize;
+        while s < n {
+            let k = step.min(n - s);
+            let from = pos + s * sector;
+            let len = k * sector;
+            let kind = if is_zero(&buf[from..from + len]) {
+                zero_bytes += len as u64;
+                ExtentKind::Zero
+            } else {
+                if from != data_len {
+                    buf.copy_within(from..from + len, data_len);
+                }
+                data_len += len;
+                ExtentKind::Data
+            };
+            let start = e.start_sector + s as u64;
+            match out.last_mut() {
+                Some(last)
+                    if last.kind == kind && last.start_sector + last.sector_count == start =>
+                {
+                    last.sector_count += k as u64;
+                }
+                _ => out.push(BlobExtent {
+                    start_sector: start,
+                    sector_count: k as u64,
+                    kind,
+                }),
+            }
+            s += k;
+        }
+        pos += n * sector;
+    }
+    (out, data_len, zero_bytes)
+}
+
+/// Reads the frozen `extents` into `buf` (their bytes back to back), as pieces of at most
+/// [`READ_PIECE_BYTES`] spread over up to `depth` threads, so that many small extents (a delta)
+/// keep the device's queue full. One piece (an initial copy's 4 MiB group) is one read: the
+/// workers reading groups side by side keep the queue busy then.
+pub fn read_extents<T: ChangeTracker + ?Sized>(
+    tracker: &T,
+    extents: &[Extent],
+    buf: &mut [u8],
+    depth: usize,
+) -> Result<()> {
+    let mut pieces: Vec<(u64, &mut [u8])> = Vec::new();
+    let mut rest = buf;
+    for e in extents {
+        let mut offset = e.offset_bytes();
+        let mut left = e.len_bytes();
+        while left > 0 {
+            let n = left.min(READ_PIECE_BYTES);
+            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(n as usize);
+            pieces.push((offset, piece));
+            rest = tail;
+            offset += n;
+            left -= n;
+        }
+    }
+    let threads = depth.clamp(1, pieces.len().max(1));
+    if threads == 1 {
+        for (offset, piece) in pieces {
+            tracker.read_frozen(piece, offset)?;
+        }
+        return Ok(());
+    }
+    // Contiguous runs of pieces per thread: neighbours stay in one thread's sequential order.
+    let per = pieces.len().div_ceil(threads);
+    let mut shares: Vec<Vec<(u64, &mut [u8])>> = Vec::new();
+    let mut it = pieces.into_iter().peekable();
+    while it.peek().is_some() {
+        shares.push(it.by_ref().take(per).collect());
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = shares
+            .into_iter()
+            .map(|share| {
+                s.spawn(move || -> Result<()> {
+                    for (offset, piece) in share {
+                        tracker.read_frozen(piece, offset)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut first: Result<()> = Ok(());
+        for h in handles {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(Error::InvalidInput("a read thread panicked".into())));
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    })
+}
+
+/// The number of worker threads to use when a config says 0: the machine's cores.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+}
+
+/// One encoded blob, ready to put.
+#[derive(Debug)]
+pub struct EncodedBlob {
+    pub seq: u32,
+    pub bytes: Bytes,
+    pub tag: [u8; 16],
+    /// Sectors' bytes the blob covers, zero runs included.
+    pub span_bytes: u64,
+    pub zero_bytes: u64,
+}
+
+/// A blob group for the encoders: its extents, and its bytes if the producer read them already.
+#[derive(Debug)]
+pub struct Job {
+    pub seq: u32,
+    pub group: Vec<Extent>,
+    pub data: Option<Vec<u8>>,
+}
+
+/// Settings of [`encode_blobs`].
+#[derive(Clone, Copy, Debug)]
+pub struct EncodeSettings {
+    pub cycle: u64,
+    pub attempt: u64,
+    pub disk: DiskId,
+    pub zstd_level: i32,
+    /// Worker threads (at least 1).
+    pub threads: usize,
+    /// Reads in flight per worker (at least 1).
+    pub read_depth: usize,
+}
+
+/// Hands the seq numbers out in order and lets workers send only in that order.
+struct SendOrder {
+    next: Mutex<u32>,
+    turn: Condvar,
+}
+
+/// Runs `produce` on this thread, which submits blob groups (seq numbers 0, 1, 2... in order)
+/// through the function it is given (false: stop producing); `settings.threads` workers read
+/// (when the job carries no data), cut zero runs, encode and send each blob into `tx` in seq
+/// order. Returns `produce`'s result, or the first error of any stage.
+pub fn encode_blobs<T, P, R>(
+    tracker: &T,
+    session: &Session,
+    settings: EncodeSettings,
+    tx: &tokio::sync::mpsc::Sender<EncodedBlob>,
+    produce: P,
+) -> Result<R>
+where
+    T: ChangeTracker + ?Sized,
+    P: FnOnce(&mut dyn FnMut(Job) -> bool) -> Result<R>,
+{
+    let threads = settings.threads.max(1);
+    let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(threads);
+    let job_rx = Mutex::new(job_rx);
+    let stop = AtomicBool::new(false);
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    let order = Arc::new(SendOrder {
+        next: Mutex::new(0),
+        turn: Condvar::new(),
+    });
+    let fail = |e: Error| {
+        let mut f = failure.lock().unwrap_or_else(PoisonError::into_inner);
+        f.get_or_insert(e);
+        stop.store(true, Ordering::SeqCst);
+        order.turn.notify_all();
+    };
+    let produced = std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut buf = AlignedBuf::zeroed(0);
+                loop {
+                    let job = {
+                        let rx = job_rx.lock().unwrap_or_else(PoisonError::into_inner);
+                        rx.recv()
+                    };
+                    let Ok(job) = job else { break };
+                    if stop.load(Ordering::SeqCst) {
+                        // Drain, so that the producer never blocks on a full queue.
+                        continue;
+                    }
+                    match encode_job(tracker, session, &settings, job, &mut buf) {
+                        Ok(blob) => {
+                            if !send_in_order(&order, &stop, tx, blob) {
+                                stop.store(true, Ordering::SeqCst);
+                                order.turn.notify_all();
+                            }
+                        }
+                        Err(e) => fail(e),
+                    }
+                }
+            });
+        }
+        let mut submit = |job: Job| -> bool {
+            if stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            job_tx.send(job).is_ok() && !stop.load(Ordering::SeqCst)
+        };
+        let r = produce(&mut submit);
+        drop(job_tx);
+        r
+    });
+    if let Some(e) = failure
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+    {
+        return Err(e);
+    }
+    produced
+}
+
+/// Waits for `blob`'s turn, then sends it. False when the cycle stops (the putter is gone).
+fn send_in_order(
+    order: &SendOrder,
+    stop: &AtomicBool,
+    tx: &tokio::sync::mpsc::Sender<EncodedBlob>,
+    blob: EncodedBlob,
+) -> bool {
+    let seq = blob.seq;
+    let mut next = order.next.lock().unwrap_or_else(PoisonError::into_inner);
+    while *next != seq {
+        if stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        next = order
+            .turn
+            .wait(next)
+            .unwrap_or_else(PoisonError::into_inner);
+    }
+    // Sending while holding the turn keeps the channel in seq order; the others wait meanwhile.
+    let sent = tx.blocking_send(blob).is_ok();
+    *next = seq.wrapping_add(1);
+    drop(next);
+    order.turn.notify_all();
+    sent
+}
+
+fn encode_job<T: ChangeTracker + ?Sized>(
+    tracker: &T,
+    session: &Session,
+    settings: &EncodeSettings,
+    job: Job,
+    buf: &mut AlignedBuf,
+) -> Result<EncodedBlob> {
+    let span: u64 = job.group.iter().map(Extent::len_bytes).sum();
+    let mut owned;
+    let bytes: &mut [u8] = match job.data {
+        Some(data) => {
+            owned = data;
+            owned.as_mut_slice()
+        }
+        None => {
+            buf.resize(span as usize);
+            read_extents(tracker, &job.group, buf.as_mut_slice(), settings.read_depth)?;
+            buf.as_mut_slice()
+        }
+    };
+    let (extents, data_len, zero_bytes) = compact_zero_runs(&job.group, bytes);
+    let obj = session
+        .encode_blob(job.seq, &extents, &bytes[..data_len], settings.zstd_level)
+        .map_err(|e| Error::Object {
+            key: layout::blob_key(&settings.disk, settings.cycle, settings.attempt, job.seq),
+            source: e,
+        })?;
+    Ok(EncodedBlob {
+        seq: job.seq,
+        bytes: obj.bytes,
+        tag: obj.tag,
+        span_bytes: span,
+        zero_bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection_sees_a_single_set_byte_anywhere() {
+        for len in [0usize, 1, 63, 64, 65, 4096, 4099] {
+            let mut b = vec![0u8; len];
+            assert!(is_zero(&b));
+            for i in [0, len / 2, len.saturating_sub(1)] {
+                if i < len {
+                    b[i] = 1;
+                    assert!(!is_zero(&b), "len {len} byte {i}");
+                    b[i] = 0;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn compaction_keeps_data_in_order_and_drops_zero_blocks() {
+        let extents = [Extent::new(0, 16), Extent::new(100, 8)];
+        let mut buf = vec![0u8; 24 * 512];
+        buf[8 * 512] = 7; // second 4 KiB block of the first extent
+        buf[16 * 512 + 3] = 9; // the second extent
+        let (out, len, zeros) = compact_zero_runs(&extents, &mut buf);
+        assert_eq!(len, 16 * 512);
+        assert_eq!(zeros, 8 * 512);
+        assert_eq!(buf[0], 7);
+        assert_eq!(buf[8 * 512 + 3], 9);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0].kind, ExtentKind::Zero);
+        assert_eq!((out[1].start_sector, out[1].sector_count), (8, 8));
+        assert_eq!((out[2].start_sector, out[2].sector_count), (100, 8));
+    }
+}

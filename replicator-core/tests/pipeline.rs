@@ -1,0 +1,359 @@
+//! The parallel pipeline: blobs are the same, in the same seq order, for any number of threads;
+//! the single-pass initial copy writes only verified bytes and heals; zero extents the target
+//! already holds are not written yet reconcile; `FileDevice` reads (direct or cached, aligned or
+//! not) return the file's bytes.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use common::{DISK_BYTES, World};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use replicator_core::bitmap::SECTOR_SIZE;
+use replicator_core::device::{AlignedBuf, BlockDevice, DeviceError, FileDevice, MemDevice};
+use replicator_core::format::{self, Expect};
+use replicator_core::layout;
+use replicator_core::progress::NoProgress;
+use replicator_core::source::ShipConfig;
+use replicator_core::target::{HydrateConfig, Target, hydrate};
+use replicator_sink::Sink;
+
+/// (seq, object length, extents, data) of every blob of `cycle`, decoded.
+async fn decoded_blobs(
+    w: &World,
+    cycle: u64,
+) -> anyhow::Result<Vec<(u32, usize, Vec<format::BlobExtent>, Vec<u8>)>> {
+    let disk_key = w.key.disk_key(&w.source.disk_id());
+    let mut out = Vec::new();
+    for key in w.blob_keys(cycle).await? {
+        let bytes = w.sink.get(&key).await?;
+        let header = format::peek_header(&bytes)?;
+        let expect = Expect {
+            disk_id: w.source.disk_id(),
+            cycle,
+            attempt: None,
+            seq: Some(header.seq),
+            tag: None,
+        };
+        let blob = format::decode_blob(&disk_key, &bytes, &expect)?;
+        out.push((header.seq, bytes.len(), blob.extents, blob.data.to_vec()));
+    }
+    out.sort_by_key(|b| b.0);
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_thread_count_gives_the_same_blobs_in_seq_order() -> anyhow::Result<()> {
+    let mut reference = None;
+    for threads in [1usize, 2, 5] {
+        let mut w = World::new(41)?;
+        w.ship_cfg = ShipConfig {
+            blob_span_bytes_max: 64 << 10,
+            encode_threads: threads,
+            read_depth: 3,
+            // One put at a time: the order puts start is the order blobs reach the putter.
+            puts_in_flight_max: 1,
+            ..w.ship_cfg
+        };
+        let initial = w.ship().await?;
+        w.hydrate().await?;
+        w.churn(80)?;
+        let delta = w.ship().await?;
+        let mut blobs = Vec::new();
+        for cycle in [initial.cycle, delta.cycle] {
+            let got = decoded_blobs(&w, cycle).await?;
+            let seqs: Vec<u32> = got.iter().map(|b| b.0).collect();
+            let want: Vec<u32> = (0..got.len() as u32).collect();
+            assert_eq!(seqs, want, "{threads} threads: seqs are 0..n without gaps");
+            blobs.push(got);
+        }
+        let hydrated = w.hydrate().await?;
+        assert!(hydrated.failed.is_none(), "{:?}", hydrated.failed);
+        assert!(w.identical(), "{threads} threads: target differs");
+        match &reference {
+            None => reference = Some(blobs),
+            Some(r) => assert!(
+                *r == blobs,
+                "{threads} threads gave other blobs than 1 thread"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// A sink that records the order puts start in.
+#[derive(Debug)]
+struct PutOrder {
+    inner: Arc<dyn Sink>,
+    keys: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl Sink for PutOrder {
+    async fn put(
+        &self,
+        key: &str,
+        bytes: bytes::Bytes,
+        mode: replicator_sink::PutMode,
+    ) -> Result<(), replicator_sink::SinkError> {
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(key.to_owned());
+        self.inner.put(key, bytes, mode).await
+    }
+    async fn get(&self, key: &str) -> Result<bytes::Bytes, replicator_sink::SinkError> {
+        self.inner.get(key).await
+    }
+    async fn list(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<replicator_sink::ObjectMeta>, replicator_sink::SinkError> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), replicator_sink::SinkError> {
+        self.inner.delete(key).await
+    }
+    fn describe(&self) -> String {
+        "put-order".into()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_are_put_in_seq_order_whatever_the_threads() -> anyhow::Result<()> {
+    let w = World::new(42)?;
+    let mut source = w.source;
+    let sink = PutOrder {
+        inner: Arc::clone(&w.sink) as Arc<dyn Sink>,
+        keys: std::sync::Mutex::new(Vec::new()),
+    };
+    let cfg = ShipConfig {
+        blob_span_bytes_max: 32 << 10,
+        encode_threads: 4,
+        puts_in_flight_max: 1,
+        ..ShipConfig::default()
+    };
+    let shipped = replicator_core::source::ship_cycle(
+        &mut source,
+        &sink,
+        &w.key,
+        &w.clock,
+        &cfg,
+        &NoProgress,
+    )
+    .await?
+    .into_shipped()?;
+    let keys = sink
+        .keys
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let blobs: Vec<&String> = keys.iter().filter(|k| k.contains("/blobs/")).collect();
+    assert_eq!(blobs.len() as u32, shipped.blob_count);
+    assert!(blobs.len() > 100, "{}", blobs.len());
+    let disk = source.disk_id();
+    for (seq, key) in blobs.iter().enumerate() {
+        let want = layout::blob_key(&disk, shipped.cycle, source.state().attempts, seq as u32);
+        assert_eq!(**key, want, "put {seq} out of order");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_corrupt_blob_stops_the_single_pass_initial_copy_which_stays_not_consistent_then_heals()
+-> anyhow::Result<()> {
+    let mut w = World::new(43)?;
+    let shipped = w.ship().await?;
+    assert_eq!(shipped.cycle, 1);
+    let blobs = w.blob_keys(shipped.cycle).await?;
+    assert!(blobs.len() >= 4, "want several blobs, got {}", blobs.len());
+    let victim = blobs[blobs.len() / 2].clone();
+    let path = w.cache_path().join(&victim);
+    let mut bytes = std::fs::read(&path)?;
+    let at = bytes.len() - 40;
+    bytes[at] ^= 0x20;
+    std::fs::write(&path, &bytes)?;
+
+    let r = w.hydrate().await?;
+    let failed = r
+        .failed
+        .ok_or_else(|| anyhow::anyhow!("a corrupt blob was accepted"))?;
+    assert_eq!(failed.cycle, 1);
+    let msg = failed.error.to_string();
+    assert!(msg.contains(&victim), "the error names the blob: {msg}");
+    let target = w
+        .target
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("no target"))?;
+    assert_eq!(target.state().committed_cycle, 0, "nothing committed");
+    assert_eq!(
+        target.state().applying_cycle,
+        Some(1),
+        "the target says it is not consistent"
+    );
+    // Written sectors hold verified bytes (the source's), the rest what was there (zeros).
+    let (src, tgt) = (w.src_disk.snapshot(), w.tgt_disk.snapshot());
+    let foreign = tgt
+        .chunks(512)
+        .zip(src.chunks(512))
+        .filter(|(t, s)| t != s && t.iter().any(|&b| b != 0))
+        .count();
+    assert_eq!(foreign, 0, "sectors hold bytes that were never verified");
+    assert!(
+        tgt.iter().any(|&b| b != 0),
+        "the verified blobs were written in the single pass"
+    );
+
+    let healed = w.ship().await?;
+    assert_eq!(healed.carried_from_failed, vec![1]);
+    assert_eq!(healed.base_cycle, 0);
+    let r = w.hydrate().await?;
+    assert!(r.failed.is_none(), "{:?}", r.failed);
+    assert_eq!(r.committed_cycle, healed.cycle);
+    assert_eq!(
+        w.target.as_ref().and_then(|t| t.state().applying_cycle),
+        None
+    );
+    assert!(w.identical());
+    Ok(())
+}
+
+/// A device that counts the bytes written to it within `watch` (a byte range).
+#[derive(Debug)]
+struct CountingWrites {
+    inner: Arc<MemDevice>,
+    watch: std::ops::Range<u64>,
+    written: Arc<AtomicU64>,
+}
+
+impl BlockDevice for CountingWrites {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        let lo = offset.max(self.watch.start);
+        let hi = (offset + buf.len() as u64).min(self.watch.end);
+        self.written
+            .fetch_add(hi.saturating_sub(lo), Ordering::SeqCst);
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.inner.flush()
+    }
+}
+
+#[tokio::test]
+async fn zero_extents_the_target_already_holds_are_not_written_but_reconcile() -> anyhow::Result<()>
+{
+    let mut w = World::new(44)?;
+    // Big blobs, so whole zero regions (256 KiB each in the world's image, several in a row
+    // here) make zero extents of at least the probe size.
+    w.ship_cfg.blob_span_bytes_max = 4 << 20;
+    let zero_run = 2u64 << 20;
+    let run_at = 4u64 << 20;
+    w.src_disk.write_at(&vec![0u8; zero_run as usize], run_at)?;
+    let shipped = w.ship().await?;
+    assert!(shipped.zero_bytes >= zero_run, "{}", shipped.zero_bytes);
+
+    // A fresh (all-zero) target: zero extents are probed and skipped.
+    let written = Arc::new(AtomicU64::new(0));
+    let fresh = Arc::new(MemDevice::new("fresh", DISK_BYTES));
+    let mut target = Target::open(
+        &w.dir.path().join("fresh-state"),
+        CountingWrites {
+            inner: Arc::clone(&fresh),
+            watch: run_at..run_at + zero_run,
+            written: Arc::clone(&written),
+        },
+        w.source.disk_id(),
+    )?;
+    let r = hydrate(
+        &mut target,
+        w.sink.as_ref(),
+        &w.key,
+        &w.clock,
+        &HydrateConfig::default(),
+        &NoProgress,
+    )
+    .await?;
+    assert!(r.failed.is_none(), "{:?}", r.failed);
+    assert_eq!(r.applied.len(), 1, "reconciled and committed");
+    assert_eq!(fresh.snapshot(), w.src_disk.snapshot());
+    assert_eq!(
+        written.load(Ordering::SeqCst),
+        0,
+        "the zero run the fresh target already held was written"
+    );
+
+    // A target with garbage where the source is zero: those sectors are written with zeros.
+    let dirty = Arc::new(MemDevice::new("dirty", DISK_BYTES));
+    let mut junk = vec![0u8; DISK_BYTES as usize];
+    ChaCha8Rng::seed_from_u64(5).fill_bytes(&mut junk);
+    dirty.write_at(&junk, 0)?;
+    let mut target = Target::open(
+        &w.dir.path().join("dirty-state"),
+        Arc::clone(&dirty),
+        w.source.disk_id(),
+    )?;
+    let r = hydrate(
+        &mut target,
+        w.sink.as_ref(),
+        &w.key,
+        &w.clock,
+        &HydrateConfig::default(),
+        &NoProgress,
+    )
+    .await?;
+    assert!(r.failed.is_none(), "{:?}", r.failed);
+    assert_eq!(dirty.snapshot(), w.src_disk.snapshot());
+    Ok(())
+}
+
+#[test]
+fn file_device_reads_are_the_files_bytes_direct_or_not() -> anyhow::Result<()> {
+    // On the build's disk (not /tmp, which may be tmpfs and refuse O_DIRECT).
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))?;
+    let path = dir.path().join("img");
+    let size = 3u64 << 20;
+    let mut content = vec![0u8; size as usize];
+    ChaCha8Rng::seed_from_u64(9).fill_bytes(&mut content);
+    std::fs::write(&path, &content)?;
+    let dev = FileDevice::open(&path)?;
+    assert!(
+        dev.reads_direct(),
+        "the build directory's file system refused O_DIRECT"
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    let mut aligned = AlignedBuf::zeroed(1 << 20);
+    for _ in 0..200 {
+        let sectors = 1 + rng.next_u64() % 2048;
+        let len = sectors * SECTOR_SIZE;
+        let offset = (rng.next_u64() % ((size - len) / SECTOR_SIZE + 1)) * SECTOR_SIZE;
+        let skew = (rng.next_u64() % 9) as usize * 512;
+        aligned.resize(len as usize + skew);
+        let buf = &mut aligned.as_mut_slice()[skew..];
+        dev.read_at(buf, offset)?;
+        assert!(
+            buf == &content[offset as usize..(offset + len) as usize],
+            "{len} bytes at {offset} into a buffer {skew} bytes past alignment"
+        );
+        let mut plain = vec![0u8; len as usize];
+        dev.read_at(&mut plain, offset)?;
+        assert!(plain == content[offset as usize..(offset + len) as usize]);
+    }
+    // Written through the page cache, then read direct: the read sees the write.
+    let fresh = vec![0xA5u8; 64 << 10];
+    dev.write_at(&fresh, 1 << 20)?;
+    aligned.resize(64 << 10);
+    dev.read_at(aligned.as_mut_slice(), 1 << 20)?;
+    assert!(aligned.as_slice() == &fresh[..]);
+    Ok(())
+}
