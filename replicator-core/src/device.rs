@@ -8,7 +8,9 @@
 //! length allow it ([`DIRECT_ALIGN_BYTES`]; [`AlignedBuf`] gives such buffers): a cycle reads each
 //! byte once, so caching it only evicts what the machine's applications use, and a direct read
 //! lands in the caller's buffer without a copy. Unaligned edges, and files that refuse
-//! `O_DIRECT` (tmpfs), are read through the page cache.
+//! `O_DIRECT` (tmpfs), are read through the page cache. Writes of [`DIRECT_WRITE_MIN_BYTES`] or
+//! more (a hydrate's) go around the page cache too, through an aligned bounce buffer when the
+//! caller's is not aligned; small writes (an application's pages) stay cached.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -168,6 +170,18 @@ pub fn check_range<D: BlockDevice + ?Sized>(
     }
 }
 
+/// Writes of at least this many bytes go around the page cache (`O_DIRECT`): a hydrate writes
+/// each byte once, and buffered writes of gigabytes cost more CPU in the page cache than the copy
+/// into an aligned buffer. Smaller writes (an application's pages) stay cached.
+pub const DIRECT_WRITE_MIN_BYTES: u64 = 64 << 10;
+
+/// The largest bounce buffer a direct write of an unaligned buffer copies through, per thread.
+pub const DIRECT_WRITE_CHUNK_BYTES: usize = 4 << 20;
+
+thread_local! {
+    static BOUNCE: std::cell::RefCell<AlignedBuf> = std::cell::RefCell::new(AlignedBuf::zeroed(0));
+}
+
 /// Alignment of direct reads: buffer address, file offset and length must all be multiples of it.
 /// 4096 covers every logical block size Linux devices use (512 or 4096).
 pub const DIRECT_ALIGN_BYTES: usize = 4096;
@@ -243,8 +257,11 @@ impl AlignedBuf {
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,
-    /// The same file opened read-only with `O_DIRECT`, if the file system allows it.
+    /// The same file opened with `O_DIRECT` (read-only, or read-write when `file` is writable),
+    /// if the file system allows it.
     direct: Option<File>,
+    /// Whether `direct` is writable.
+    direct_writes: bool,
     name: String,
     size_bytes: u64,
 }
@@ -281,15 +298,19 @@ impl FileDevice {
                 format!("size {size_bytes} bytes is not a multiple of {SECTOR_SIZE}-byte sectors"),
             ));
         }
-        // Refused by some file systems (tmpfs: EINVAL): reads then all use the page cache.
+        // Refused by some file systems (tmpfs: EINVAL): reads and writes then all use the page
+        // cache.
         let direct = OpenOptions::new()
             .read(true)
+            .write(write)
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .ok();
+        let direct_writes = write && direct.is_some();
         Ok(FileDevice {
             file,
             direct,
+            direct_writes,
             name,
             size_bytes,
         })
@@ -312,6 +333,64 @@ impl FileDevice {
                 buf.len() as u64,
                 e,
             )
+        })
+    }
+
+    fn write_buffered(&self, buf: &[u8], offset_bytes: u64) -> Result<(), DeviceError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all_at(buf, offset_bytes).map_err(|e| {
+            DeviceError::io(
+                &self.name,
+                DeviceOp::Write,
+                offset_bytes,
+                buf.len() as u64,
+                e,
+            )
+        })
+    }
+
+    /// Writes `buf` (its length and `offset_bytes` aligned) through the `O_DIRECT` handle, from
+    /// `buf` itself when its memory is aligned, else through an aligned bounce buffer of at most
+    /// [`DIRECT_WRITE_CHUNK_BYTES`]. A file that turns direct writes down is written cached.
+    fn write_direct(
+        &self,
+        direct: &File,
+        buf: &[u8],
+        offset_bytes: u64,
+    ) -> Result<(), DeviceError> {
+        let io = |e: std::io::Error, at: u64, n: usize| {
+            DeviceError::io(&self.name, DeviceOp::Write, at, n as u64, e)
+        };
+        let refused = |e: &std::io::Error| e.raw_os_error() == Some(libc::EINVAL);
+        if buf.as_ptr().align_offset(DIRECT_ALIGN_BYTES) == 0 {
+            return match direct.write_all_at(buf, offset_bytes) {
+                Err(e) if refused(&e) => self.write_buffered(buf, offset_bytes),
+                r => r.map_err(|e| io(e, offset_bytes, buf.len())),
+            };
+        }
+        BOUNCE.with(|cell| {
+            let mut bounce = cell.borrow_mut();
+            let mut done = 0usize;
+            while done < buf.len() {
+                let n = DIRECT_WRITE_CHUNK_BYTES.min(buf.len() - done);
+                bounce.resize(n);
+                let chunk = &buf[done..done + n];
+                let at = offset_bytes + done as u64;
+                bounce.as_mut_slice().copy_from_slice(chunk);
+                if bounce.as_slice().as_ptr().align_offset(DIRECT_ALIGN_BYTES) != 0 {
+                    // The allocator could not give an aligned buffer: write it cached.
+                    self.write_buffered(chunk, at)?;
+                } else {
+                    match direct.write_all_at(bounce.as_slice(), at) {
+                        Err(e) if refused(&e) => self.write_buffered(chunk, at)?,
+                        r => r.map_err(|e| io(e, at, n))?,
+                    }
+                }
+                done += n;
+            }
+            Ok(())
         })
     }
 
@@ -389,15 +468,24 @@ impl BlockDevice for FileDevice {
 
     fn write_at(&self, buf: &[u8], offset_bytes: u64) -> Result<(), DeviceError> {
         check_range(self, DeviceOp::Write, offset_bytes, buf.len() as u64)?;
-        self.file.write_all_at(buf, offset_bytes).map_err(|e| {
-            DeviceError::io(
-                &self.name,
-                DeviceOp::Write,
-                offset_bytes,
-                buf.len() as u64,
-                e,
-            )
-        })
+        let align = DIRECT_ALIGN_BYTES as u64;
+        let len = buf.len() as u64;
+        if let Some(direct) = self.direct.as_ref().filter(|_| self.direct_writes)
+            && len >= DIRECT_WRITE_MIN_BYTES
+        {
+            // Large writes go around the page cache: the aligned middle directly (through an
+            // aligned bounce buffer when `buf` itself is not aligned), the edges cached.
+            let skew = (align - offset_bytes % align) % align;
+            let middle = (len - skew.min(len)) / align * align;
+            if middle > 0 {
+                let (head, rest) = buf.split_at(skew as usize);
+                let (mid, tail) = rest.split_at(middle as usize);
+                self.write_buffered(head, offset_bytes)?;
+                self.write_direct(direct, mid, offset_bytes + skew)?;
+                return self.write_buffered(tail, offset_bytes + skew + middle);
+            }
+        }
+        self.write_buffered(buf, offset_bytes)
     }
 
     fn flush(&self) -> Result<(), DeviceError> {

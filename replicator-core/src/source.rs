@@ -47,7 +47,7 @@ pub struct ShipConfig {
     pub blobs_queued_max: usize,
     /// Puts running at once, at most. 4.
     pub puts_in_flight_max: usize,
-    /// Threads reading, checksumming, compressing and encrypting blobs; 0 = one per core. Each
+    /// Threads reading, checksumming, compressing and encrypting blobs; 0 = two per core. Each
     /// holds at most one blob's read buffer and one encoded blob.
     pub encode_threads: usize,
     /// Reads in flight per encoding thread (a delta's many small extents are read at once). 16.
@@ -1199,7 +1199,8 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
         disk,
         zstd_level: cfg.zstd_level,
         threads: match cfg.encode_threads {
-            0 => pipeline::default_threads(),
+            // Twice the cores: a worker waiting on its reads leaves its core to another.
+            0 => pipeline::default_threads() * 2,
             n => n,
         },
         read_depth: cfg.read_depth.max(1),
