@@ -174,8 +174,10 @@ impl ShipReport {
 
     /// How much writes folded: bytes written into the epoch per byte of changed sectors shipped
     /// (1.0 when every write hit new sectors; 10.0 when each sector was rewritten ten times).
+    /// None when the tracker counted no bytes although sectors changed: the writes were made by
+    /// another process (`harness write`) whose count this one never saw.
     pub fn fold_ratio(&self) -> Option<f64> {
-        let written = self.bytes_written?;
+        let written = self.bytes_written.filter(|w| *w > 0)?;
         (self.changed_bytes() > 0).then(|| written as f64 / self.changed_bytes() as f64)
     }
 
