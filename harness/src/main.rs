@@ -87,7 +87,26 @@ enum Command {
     Image(image::ImageArgs),
 }
 
+/// glibc raises its mmap threshold each time a large block is freed (up to 32 MiB); after that
+/// the pipelines' blob buffers of a few MiB come from per-thread arenas that keep freed memory,
+/// and the peak RSS creeps up with the number of blobs a run handles instead of staying at the
+/// pipelines' in-flight budget (measured: a 256 MiB hydrate peaked at 99 MiB, 48 MiB with the
+/// threshold fixed). A fixed 1 MiB threshold gives every large buffer its own mapping, returned
+/// to the system when freed.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn fix_malloc_mmap_threshold() {
+    // SAFETY: mallopt only tunes the allocator; it runs first thing in main, before any thread.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn fix_malloc_mmap_threshold() {}
+
 fn main() -> ExitCode {
+    fix_malloc_mmap_threshold();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));

@@ -1,6 +1,7 @@
 //! Bounded memory, measured: shipping and hydrating a disk whose every byte changed (a delta far
-//! larger than the pipeline's in-flight budget) peaks at the same memory for a 16 MiB and a
-//! 128 MiB disk, well under a fixed budget. Each command reports its peak RSS at the end.
+//! larger than the pipeline's in-flight budget) peaks at the same memory for a 32 MiB and a
+//! 256 MiB disk, well under a fixed budget. Both disks are larger than what the pipelines hold
+//! at once (workers, blobs fetched ahead, queued and in-flight puts), so both fill them. Each command reports its peak RSS at the end.
 #![allow(clippy::print_stdout)] // the figures are printed for the test log
 
 use std::path::Path;
@@ -98,10 +99,10 @@ fn replicate(dir: &Path, size: u64) -> anyhow::Result<(u64, u64)> {
 fn peak_memory_follows_the_pipeline_budget_not_the_disk_size() -> anyhow::Result<()> {
     let small_dir = tempfile::tempdir()?;
     let large_dir = tempfile::tempdir()?;
-    let (ship_small, hydrate_small) = replicate(small_dir.path(), 16 * MIB)?;
-    let (ship_large, hydrate_large) = replicate(large_dir.path(), 128 * MIB)?;
+    let (ship_small, hydrate_small) = replicate(small_dir.path(), 32 * MIB)?;
+    let (ship_large, hydrate_large) = replicate(large_dir.path(), 256 * MIB)?;
     println!(
-        "peak RSS: ship {} / {} MiB, hydrate {} / {} MiB (16 MiB / 128 MiB disk)",
+        "peak RSS: ship {} / {} MiB, hydrate {} / {} MiB (32 MiB / 256 MiB disk)",
         ship_small / MIB,
         ship_large / MIB,
         hydrate_small / MIB,
@@ -110,7 +111,7 @@ fn peak_memory_follows_the_pipeline_budget_not_the_disk_size() -> anyhow::Result
     for (what, peak) in [("ship", ship_large), ("hydrate", hydrate_large)] {
         assert!(
             peak <= BUDGET_BYTES,
-            "{what} of a 128 MiB delta peaked at {} MiB, over the {} MiB budget",
+            "{what} of a 256 MiB delta peaked at {} MiB, over the {} MiB budget",
             peak / MIB,
             BUDGET_BYTES / MIB
         );
@@ -122,7 +123,7 @@ fn peak_memory_follows_the_pipeline_budget_not_the_disk_size() -> anyhow::Result
     ] {
         assert!(
             large <= small + 48 * MIB,
-            "{what}: {} MiB for 128 MiB against {} MiB for 16 MiB: memory grows with the disk",
+            "{what}: {} MiB for 256 MiB against {} MiB for 32 MiB: memory grows with the disk",
             large / MIB,
             small / MIB
         );
