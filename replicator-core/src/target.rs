@@ -665,6 +665,36 @@ fn verify_blob(
     Ok(blob)
 }
 
+/// After every blob was fetched and verified (or found unusable): the verified blobs must cover
+/// exactly the manifest's sectors, else a reconcile error naming the unusable blobs; then the
+/// first blob error, if any.
+fn check_coverage(
+    cycle: u64,
+    stage: &'static str,
+    written: &str,
+    expected: &SectorBitmap,
+    covered: &SectorBitmap,
+    unusable: &[String],
+    first_error: Option<Error>,
+) -> Result<()> {
+    if covered != expected {
+        let cause = if unusable.is_empty() {
+            String::new()
+        } else {
+            format!("; {written}; unusable blobs: {}", unusable.join("; "))
+        };
+        return Err(reconcile_error(
+            cycle,
+            stage,
+            "covered by verified blobs",
+            expected,
+            covered,
+            cause,
+        )?);
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
 fn reconcile_error(
     cycle: u64,
     stage: &'static str,
@@ -929,27 +959,15 @@ async fn apply_cycle<D: BlockDevice>(
         }
         drop(stream);
         progress.end();
-        if covered != expected {
-            let cause = if unusable.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "; only verified blobs were written; unusable blobs: {}",
-                    unusable.join("; ")
-                )
-            };
-            return Err(reconcile_error(
-                cycle,
-                "while writing",
-                "covered by verified blobs",
-                &expected,
-                &covered,
-                cause,
-            )?);
-        }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
+        check_coverage(
+            cycle,
+            "while writing",
+            "only verified blobs were written",
+            &expected,
+            &covered,
+            &unusable,
+            first_error,
+        )?;
     } else {
         // Phase 1: fetch and verify every blob; keep it (decoded in memory up to a budget, else
         // staged encrypted in the state directory); nothing is written to the target.
@@ -1005,27 +1023,15 @@ async fn apply_cycle<D: BlockDevice>(
             }
         }
         progress.end();
-        if covered != expected {
-            let cause = if unusable.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "; nothing was written; unusable blobs: {}",
-                    unusable.join("; ")
-                )
-            };
-            return Err(reconcile_error(
-                cycle,
-                "before writing",
-                "covered by verified blobs",
-                &expected,
-                &covered,
-                cause,
-            )?);
-        }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
+        check_coverage(
+            cycle,
+            "before writing",
+            "nothing was written",
+            &expected,
+            &covered,
+            &unusable,
+            first_error,
+        )?;
 
         // Phase 2: write. Blobs kept decoded were verified in phase 1 and never left memory;
         // the others are read again (staged file or cache) and verified again right before
