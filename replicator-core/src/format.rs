@@ -19,9 +19,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Mutex;
 
-use aes_gcm::Aes256Gcm;
-use aes_gcm::aead::{AeadInOut, Nonce, Tag};
+use std::sync::Arc;
+
 use bytes::Bytes;
+use replicator_sink::buf::{BufPool, PooledBuf};
 
 use crate::keys::{DiskId, DiskKey, SessionKey, to_hex};
 
@@ -764,7 +765,8 @@ fn open(
     bytes: &[u8],
     expect: &Expect,
     kind: ObjectKind,
-) -> Result<(ObjectHeader, Vec<u8>), FormatError> {
+    pool: Option<&Arc<BufPool>>,
+) -> Result<(ObjectHeader, PooledBuf), FormatError> {
     let (header, stored_nonce) = parse_header(bytes, Some(kind))?;
 
     // The disk id comes first: the key id is per disk, so an object of another disk would
@@ -850,16 +852,13 @@ fn open(
         header.attempt,
         &header.salt,
     );
-    let mut plaintext = ciphertext.to_vec();
-    session
-        .cipher()
-        .decrypt_inout_detached(
-            &Nonce::<Aes256Gcm>::from(nonce),
-            aad,
-            plaintext.as_mut_slice().into(),
-            &Tag::<Aes256Gcm>::from(tag),
-        )
-        .map_err(|_| FormatError::AuthenticationFailed)?;
+    let mut plaintext = match pool {
+        Some(pool) => pool.take(ciphertext.len()),
+        None => PooledBuf::unpooled(ciphertext.len()),
+    };
+    if !session.open_into(nonce, aad, ciphertext, &tag, plaintext.as_mut_slice()) {
+        return Err(FormatError::AuthenticationFailed);
+    }
     Ok((header, plaintext))
 }
 
@@ -951,6 +950,9 @@ pub struct Session {
     catalog_key: SessionKey,
     request_key: SessionKey,
     issued: Mutex<HashMap<(ObjectKind, u32), [u8; TAG_LEN]>>,
+    /// Where encoded objects are built (aligned, reused once a put dropped them); none: each
+    /// object gets its own buffer.
+    pool: Option<Arc<BufPool>>,
 }
 
 impl fmt::Debug for Session {
@@ -989,7 +991,15 @@ impl Session {
             catalog_key: derive(ObjectKind::Catalog),
             request_key: derive(ObjectKind::ResyncRequest),
             issued: Mutex::new(HashMap::new()),
+            pool: None,
         }
+    }
+
+    /// Builds encoded objects in buffers from `pool`: they start aligned (a local sink writes
+    /// them with `O_DIRECT` as they are) and go back to the pool when the put drops them.
+    pub fn with_pool(mut self, pool: Arc<BufPool>) -> Session {
+        self.pool = Some(pool);
+        self
     }
 
     /// 16 fresh random bytes from the operating system, for [`Session::new`].
@@ -1237,11 +1247,34 @@ impl Session {
         inner_len: usize,
         write_inner: impl FnOnce(&mut Vec<u8>),
     ) -> Result<EncodedObject, FormatError> {
-        let mut out =
-            Vec::with_capacity(HEADER_LEN.saturating_add(inner_len).saturating_add(TAG_LEN));
-        out.resize(HEADER_LEN, 0);
-        write_inner(&mut out);
-        let plaintext_len = out.len().saturating_sub(HEADER_LEN);
+        let mut buf = match &self.pool {
+            Some(pool) => pool.take(0),
+            None => PooledBuf::unpooled(0),
+        };
+        buf.reserve(HEADER_LEN.saturating_add(inner_len).saturating_add(TAG_LEN));
+        let tag = {
+            let (out, base) = buf.vec_mut();
+            out.resize(base + HEADER_LEN, 0);
+            write_inner(out);
+            self.seal_built(kind, seq, out, base)?
+        };
+        buf.sync_len();
+        Ok(EncodedObject {
+            bytes: buf.into_bytes(),
+            tag,
+        })
+    }
+
+    /// Seals the object built in `out` from `base` on: header room, then the plaintext.
+    /// Writes the header, encrypts in place and appends the tag.
+    fn seal_built(
+        &self,
+        kind: ObjectKind,
+        seq: u32,
+        out: &mut Vec<u8>,
+        base: usize,
+    ) -> Result<[u8; TAG_LEN], FormatError> {
+        let plaintext_len = out.len().saturating_sub(base + HEADER_LEN);
         let payload_len = len64(plaintext_len)
             .checked_add(len64(TAG_LEN))
             .ok_or(FormatError::EncryptionFailed)?;
@@ -1255,26 +1288,17 @@ impl Session {
             salt: self.salt,
             payload_len,
         });
-        for (dst, src) in out.iter_mut().zip(&header) {
+        for (dst, src) in out.iter_mut().skip(base).zip(&header) {
             *dst = *src;
         }
-        let split = HEADER_LEN.min(out.len());
+        let split = (base + HEADER_LEN).min(out.len());
         let (_, plaintext) = out.split_at_mut(split);
         let tag = self
             .key_for(kind)
-            .cipher()
-            .encrypt_inout_detached(
-                &Nonce::<Aes256Gcm>::from(nonce_for(kind, seq)),
-                &header,
-                plaintext.into(),
-            )
-            .map_err(|_| FormatError::EncryptionFailed)?;
-        let tag: [u8; TAG_LEN] = tag.into();
+            .seal_in_place(nonce_for(kind, seq), &header, plaintext)
+            .ok_or(FormatError::EncryptionFailed)?;
         out.extend_from_slice(&tag);
-        Ok(EncodedObject {
-            bytes: Bytes::from(out),
-            tag,
-        })
+        Ok(tag)
     }
 }
 
@@ -1291,8 +1315,45 @@ pub fn decode_blob(
     bytes: &[u8],
     expect: &Expect,
 ) -> Result<DecodedBlob, FormatError> {
-    let (header, plaintext) = open(key, bytes, expect, ObjectKind::Blob)?;
-    let mut r = Reader::new(&plaintext);
+    decode_blob_pooled(key, bytes, expect, None)
+}
+
+thread_local! {
+    /// One zstd decompression context per thread, kept between blobs.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Decompresses `body` into `out`, which must come out exactly full. Returns the bytes written.
+fn decompress_into(body: &[u8], out: &mut [u8]) -> Result<usize, FormatError> {
+    DECOMPRESSOR.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        if cached.is_none() {
+            *cached = Some(
+                zstd::bulk::Decompressor::new()
+                    .map_err(|e| FormatError::Decompress(e.to_string()))?,
+            );
+        }
+        let Some(decompressor) = cached.as_mut() else {
+            return Err(FormatError::Decompress("no decompression context".into()));
+        };
+        decompressor
+            .decompress_to_buffer(body, out)
+            .map_err(|e| FormatError::Decompress(e.to_string()))
+    })
+}
+
+/// [`decode_blob`], with the plaintext and the decompressed data in buffers from `pool`: the
+/// data starts aligned (written to a target with `O_DIRECT` as it is) and its buffer goes back to
+/// the pool when the last clone of [`DecodedBlob::data`] is dropped.
+pub fn decode_blob_pooled(
+    key: &DiskKey,
+    bytes: &[u8],
+    expect: &Expect,
+    pool: Option<&Arc<BufPool>>,
+) -> Result<DecodedBlob, FormatError> {
+    let (header, plaintext) = open(key, bytes, expect, ObjectKind::Blob, pool)?;
+    let mut r = Reader::new(plaintext.as_slice());
 
     let flags = r.u8("blob flags")?;
     if flags & !BLOB_FLAG_COMPRESSED != 0 {
@@ -1350,18 +1411,18 @@ pub fn decode_blob(
             });
         }
         let cap = to_usize(data_len, "blob data bytes")?;
-        let mut decompressor =
-            zstd::bulk::Decompressor::new().map_err(|e| FormatError::Decompress(e.to_string()))?;
-        let out = decompressor
-            .decompress(body, cap)
-            .map_err(|e| FormatError::Decompress(e.to_string()))?;
-        if len64(out.len()) != data_len {
+        let mut out = match pool {
+            Some(pool) => pool.take(cap),
+            None => PooledBuf::unpooled(cap),
+        };
+        let n = decompress_into(body, out.as_mut_slice())?;
+        if len64(n) != data_len {
             return Err(FormatError::DecompressedLength {
                 expected: data_len,
-                found: len64(out.len()),
+                found: len64(n),
             });
         }
-        Bytes::from(out)
+        out.into_bytes()
     } else {
         if body_len != data_len {
             return Err(FormatError::InvalidBody {
@@ -1375,7 +1436,7 @@ pub fn decode_blob(
                 reason: "body range outside the payload".into(),
             });
         }
-        Bytes::from(plaintext).slice(body_start..body_end)
+        plaintext.into_bytes().slice(body_start..body_end)
     };
 
     let computed = crc32fast::hash(&data);
@@ -1417,8 +1478,8 @@ pub fn decode_manifest(
     bytes: &[u8],
     expect: &Expect,
 ) -> Result<(ObjectHeader, Manifest), FormatError> {
-    let (header, plaintext) = open(key, bytes, expect, ObjectKind::Manifest)?;
-    let mut r = Reader::new(&plaintext);
+    let (header, plaintext) = open(key, bytes, expect, ObjectKind::Manifest, None)?;
+    let mut r = Reader::new(plaintext.as_slice());
     let base_cycle = r.u64("base cycle")?;
     let disk_bytes = r.u64("disk bytes")?;
     let blob_count = r.u32("blob count")?;
@@ -1481,8 +1542,8 @@ pub fn decode_ack(
     bytes: &[u8],
     expect: &Expect,
 ) -> Result<(ObjectHeader, Ack), FormatError> {
-    let (header, plaintext) = open(key, bytes, expect, ObjectKind::Ack)?;
-    let mut r = Reader::new(&plaintext);
+    let (header, plaintext) = open(key, bytes, expect, ObjectKind::Ack, None)?;
+    let mut r = Reader::new(plaintext.as_slice());
     let status = match r.u8("ack status")? {
         ACK_STATUS_APPLIED => AckStatus::Applied,
         ACK_STATUS_FAILED => AckStatus::Failed,
@@ -1572,8 +1633,8 @@ pub fn decode_catalog(
     bytes: &[u8],
     expect: &Expect,
 ) -> Result<(ObjectHeader, Catalog), FormatError> {
-    let (header, plaintext) = open(key, bytes, expect, ObjectKind::Catalog)?;
-    let mut r = Reader::new(&plaintext);
+    let (header, plaintext) = open(key, bytes, expect, ObjectKind::Catalog, None)?;
+    let mut r = Reader::new(plaintext.as_slice());
     let target_generation = r.array("target generation")?;
     let committed_cycle = r.u64("committed cycle")?;
     let answers_request = r.u64("request answered")?;
@@ -1633,8 +1694,8 @@ pub fn decode_resync_request(
     bytes: &[u8],
     expect: &Expect,
 ) -> Result<(ObjectHeader, ResyncRequest), FormatError> {
-    let (header, plaintext) = open(key, bytes, expect, ObjectKind::ResyncRequest)?;
-    let mut r = Reader::new(&plaintext);
+    let (header, plaintext) = open(key, bytes, expect, ObjectKind::ResyncRequest, None)?;
+    let mut r = Reader::new(plaintext.as_slice());
     let block_bytes = r.u32("block size")?;
     check_block_bytes(block_bytes)?;
     let created_unix_ms = r.u64("created time")?;
@@ -2336,16 +2397,14 @@ mod tests {
         let (hdr, payload) = enc.bytes.split_at(HEADER_LEN);
         let (ct, tag) = payload.split_at(payload.len() - TAG_LEN);
         let try_aad = |aad: &[u8]| {
-            let mut buf = ct.to_vec();
-            s.key_for(ObjectKind::Blob)
-                .cipher()
-                .decrypt_inout_detached(
-                    &Nonce::<Aes256Gcm>::from(nonce_for(ObjectKind::Blob, 4)),
-                    aad,
-                    buf.as_mut_slice().into(),
-                    &Tag::<Aes256Gcm>::from(<[u8; 16]>::try_from(tag).unwrap()),
-                )
-                .is_ok()
+            let mut buf = vec![0u8; ct.len()];
+            s.key_for(ObjectKind::Blob).open_into(
+                nonce_for(ObjectKind::Blob, 4),
+                aad,
+                ct,
+                &<[u8; 16]>::try_from(tag).unwrap(),
+                &mut buf,
+            )
         };
         assert!(try_aad(hdr));
         assert!(!try_aad(&[]));

@@ -19,7 +19,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-use aes_gcm::{Aes256Gcm, Key, KeyInit};
+use std::sync::Arc;
+
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use hkdf::Hkdf;
 use sha2::Sha256;
 
@@ -419,9 +421,9 @@ impl DiskKey {
                 &attempt.to_le_bytes(),
             ],
         );
-        let cipher = Aes256Gcm::new(&Key::<Aes256Gcm>::from(okm));
+        let key = SessionKey::from_bytes(kind, &okm);
         wipe(&mut okm);
-        SessionKey { cipher, kind }
+        key
     }
 }
 
@@ -447,18 +449,66 @@ impl Drop for DiskKey {
 /// salt). Derived once and reused for every object of that group.
 #[derive(Clone)]
 pub struct SessionKey {
-    cipher: Aes256Gcm,
+    cipher: Option<Arc<LessSafeKey>>,
     kind: ObjectKind,
 }
 
 impl SessionKey {
+    fn from_bytes(kind: ObjectKind, key: &[u8; 32]) -> SessionKey {
+        // A 32-byte key always makes an AES-256 key; `None` would make every use fail cleanly.
+        let cipher = UnboundKey::new(&AES_256_GCM, key)
+            .ok()
+            .map(|k| Arc::new(LessSafeKey::new(k)));
+        SessionKey { cipher, kind }
+    }
+
     /// The object kind this key was derived for.
     pub fn kind(&self) -> ObjectKind {
         self.kind
     }
 
-    pub(crate) fn cipher(&self) -> &Aes256Gcm {
-        &self.cipher
+    /// Encrypts `in_out` in place under `nonce`, authenticating `aad` too; returns the tag.
+    pub(crate) fn seal_in_place(
+        &self,
+        nonce: [u8; 12],
+        aad: &[u8],
+        in_out: &mut [u8],
+    ) -> Option<[u8; 16]> {
+        let tag = self
+            .cipher
+            .as_ref()?
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), in_out)
+            .ok()?;
+        <[u8; 16]>::try_from(tag.as_ref()).ok()
+    }
+
+    /// Authenticates `ciphertext` and `aad` against `tag` and decrypts into `out` (as long as
+    /// `ciphertext`). False, with `out` holding no plaintext, when they do not authenticate.
+    pub(crate) fn open_into(
+        &self,
+        nonce: [u8; 12],
+        aad: &[u8],
+        ciphertext: &[u8],
+        tag: &[u8; 16],
+        out: &mut [u8],
+    ) -> bool {
+        let Some(cipher) = self.cipher.as_ref() else {
+            return false;
+        };
+        let ok = out.len() == ciphertext.len()
+            && cipher
+                .open_separate_gather(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(aad),
+                    ciphertext,
+                    tag,
+                    out,
+                )
+                .is_ok();
+        if !ok {
+            out.fill(0);
+        }
+        ok
     }
 }
 
@@ -480,6 +530,60 @@ mod tests {
             *x = i as u8;
         }
         MasterKey::from_bytes(b)
+    }
+
+    #[test]
+    fn session_keys_are_standard_aes_256_gcm() {
+        // Objects must be readable by any AES-256-GCM implementation: what this key seals, the
+        // RustCrypto implementation opens, and the other way round; a changed byte fails both.
+        use aes_gcm::aead::{AeadInOut, Nonce, Tag};
+        use aes_gcm::{Aes256Gcm, Key, KeyInit};
+        let raw: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(7).wrapping_add(3));
+        let ours = SessionKey::from_bytes(ObjectKind::Blob, &raw);
+        let theirs = Aes256Gcm::new(&Key::<Aes256Gcm>::from(raw));
+        let nonce: [u8; 12] = std::array::from_fn(|i| i as u8);
+        let aad = b"header bytes";
+        let plain: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+
+        let mut sealed = plain.clone();
+        let tag = ours.seal_in_place(nonce, aad, &mut sealed).unwrap();
+        assert_ne!(sealed, plain);
+        let mut opened = sealed.clone();
+        theirs
+            .decrypt_inout_detached(
+                &Nonce::<Aes256Gcm>::from(nonce),
+                aad,
+                opened.as_mut_slice().into(),
+                &Tag::<Aes256Gcm>::from(tag),
+            )
+            .unwrap();
+        assert_eq!(opened, plain);
+
+        let mut theirs_sealed = plain.clone();
+        let their_tag: [u8; 16] = theirs
+            .encrypt_inout_detached(
+                &Nonce::<Aes256Gcm>::from(nonce),
+                aad,
+                theirs_sealed.as_mut_slice().into(),
+            )
+            .unwrap()
+            .into();
+        assert_eq!(
+            (theirs_sealed.as_slice(), their_tag),
+            (sealed.as_slice(), tag)
+        );
+        let mut out = vec![0u8; plain.len()];
+        assert!(ours.open_into(nonce, aad, &theirs_sealed, &their_tag, &mut out));
+        assert_eq!(out, plain);
+
+        theirs_sealed[500] ^= 1;
+        assert!(!ours.open_into(nonce, aad, &theirs_sealed, &their_tag, &mut out));
+        assert!(
+            out.iter().all(|&b| b == 0),
+            "no unauthenticated plaintext is left"
+        );
+        assert!(!ours.open_into(nonce, b"other header", &sealed, &tag, &mut out));
+        assert!(!ours.open_into(nonce, aad, &sealed, &tag, &mut out[1..]));
     }
 
     #[test]

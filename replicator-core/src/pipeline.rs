@@ -12,12 +12,12 @@
 //! (compressed) body once into the object, which is encrypted in place.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Condvar, Mutex, PoisonError};
 
 use bytes::Bytes;
+use replicator_sink::buf::{BufPool, PooledBuf};
 
 use crate::bitmap::{Extent, SECTOR_SIZE};
-use crate::device::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::format::{BlobExtent, ExtentKind, Session};
 use crate::keys::DiskId;
@@ -174,6 +174,20 @@ pub struct Job {
     pub data: Option<Vec<u8>>,
 }
 
+/// A group whose bytes were read, on its way from a reader to an encoder.
+struct ReadJob {
+    seq: u32,
+    group: Vec<Extent>,
+    data: ReadData,
+}
+
+enum ReadData {
+    /// Read by the producer (a checksum resync compares while it reads).
+    Produced(Vec<u8>),
+    /// Read by a reader thread into an aligned buffer.
+    Read(PooledBuf),
+}
+
 /// Settings of [`encode_blobs`].
 #[derive(Clone, Copy, Debug)]
 pub struct EncodeSettings {
@@ -181,9 +195,11 @@ pub struct EncodeSettings {
     pub attempt: u64,
     pub disk: DiskId,
     pub zstd_level: i32,
-    /// Worker threads (at least 1).
+    /// Encoding threads (at least 1).
     pub threads: usize,
-    /// Reads in flight per worker (at least 1).
+    /// Reading threads (at least 1).
+    pub read_threads: usize,
+    /// Reads in flight per reading thread (at least 1).
     pub read_depth: usize,
 }
 
@@ -194,9 +210,11 @@ struct SendOrder {
 }
 
 /// Runs `produce` on this thread, which submits blob groups (seq numbers 0, 1, 2... in order)
-/// through the function it is given (false: stop producing); `settings.threads` workers read
-/// (when the job carries no data), cut zero runs, encode and send each blob into `tx` in seq
-/// order. Returns `produce`'s result, or the first error of any stage.
+/// through the function it is given (false: stop producing). `settings.read_threads` readers
+/// read the groups that carry no data (each group into its own aligned buffer, so the disk keeps
+/// a read going while the encoders compute); `settings.threads` encoders cut zero runs, encode
+/// and send each blob into `tx` in seq order. Returns `produce`'s result, or the first error of
+/// any stage.
 pub fn encode_blobs<T, P, R>(
     tracker: &T,
     session: &Session,
@@ -209,24 +227,37 @@ where
     P: FnOnce(&mut dyn FnMut(Job) -> bool) -> Result<R>,
 {
     let threads = settings.threads.max(1);
-    let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(threads);
+    let readers = settings.read_threads.max(1);
+    let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(readers);
     let job_rx = Mutex::new(job_rx);
+    // Read groups waiting for an encoder: one per encoder, so each finds the next one ready.
+    let (read_tx, read_rx) = std::sync::mpsc::sync_channel::<ReadJob>(threads);
+    let read_rx = Mutex::new(read_rx);
+    // Read buffers: one per reader, one per queued group, one per encoder.
+    let buffers = BufPool::new(readers + 2 * threads);
     let stop = AtomicBool::new(false);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
-    let order = Arc::new(SendOrder {
+    let order = SendOrder {
         next: Mutex::new(0),
         turn: Condvar::new(),
-    });
+    };
+    let read_order = SendOrder {
+        next: Mutex::new(0),
+        turn: Condvar::new(),
+    };
     let fail = |e: Error| {
         let mut f = failure.lock().unwrap_or_else(PoisonError::into_inner);
         f.get_or_insert(e);
         stop.store(true, Ordering::SeqCst);
         order.turn.notify_all();
+        read_order.turn.notify_all();
     };
     let produced = std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                let mut buf = AlignedBuf::zeroed(0);
+        for _ in 0..readers {
+            let read_tx = read_tx.clone();
+            let (job_rx, buffers, stop, fail, read_order) =
+                (&job_rx, &buffers, &stop, &fail, &read_order);
+            s.spawn(move || {
                 loop {
                     let job = {
                         let rx = job_rx.lock().unwrap_or_else(PoisonError::into_inner);
@@ -237,11 +268,56 @@ where
                         // Drain, so that the producer never blocks on a full queue.
                         continue;
                     }
-                    match encode_job(tracker, session, &settings, job, &mut buf) {
+                    let data = match job.data {
+                        Some(data) => ReadData::Produced(data),
+                        None => {
+                            let span: u64 = job.group.iter().map(Extent::len_bytes).sum();
+                            let mut buf = buffers.take(span as usize);
+                            if let Err(e) = read_extents(
+                                tracker,
+                                &job.group,
+                                buf.as_mut_slice(),
+                                settings.read_depth,
+                            ) {
+                                fail(e);
+                                continue;
+                            }
+                            ReadData::Read(buf)
+                        }
+                    };
+                    let seq = job.seq;
+                    let read = ReadJob {
+                        seq,
+                        group: job.group,
+                        data,
+                    };
+                    if !send_in_order(read_order, stop, seq, || read_tx.send(read).is_ok()) {
+                        stop.store(true, Ordering::SeqCst);
+                        read_order.turn.notify_all();
+                    }
+                }
+            });
+        }
+        drop(read_tx);
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    let job = {
+                        let rx = read_rx.lock().unwrap_or_else(PoisonError::into_inner);
+                        rx.recv()
+                    };
+                    let Ok(job) = job else { break };
+                    if stop.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    match encode_job(session, &settings, job) {
                         Ok(blob) => {
-                            if !send_in_order(&order, &stop, tx, blob) {
+                            let seq = blob.seq;
+                            if !send_in_order(&order, &stop, seq, || tx.blocking_send(blob).is_ok())
+                            {
                                 stop.store(true, Ordering::SeqCst);
                                 order.turn.notify_all();
+                                read_order.turn.notify_all();
                             }
                         }
                         Err(e) => fail(e),
@@ -269,14 +345,18 @@ where
     produced
 }
 
-/// Waits for `blob`'s turn, then sends it. False when the cycle stops (the putter is gone).
+/// Waits for `seq`'s turn, then runs `send` (which says whether the next stage took it). False
+/// when the cycle stops.
+///
+/// Both hand-offs (readers to encoders, encoders to the putter) go in seq order, and every stage
+/// takes its work from a queue in seq order: so the item a waiting thread waits for is always
+/// held by a thread that is working, never stuck in a queue behind it.
 fn send_in_order(
     order: &SendOrder,
     stop: &AtomicBool,
-    tx: &tokio::sync::mpsc::Sender<EncodedBlob>,
-    blob: EncodedBlob,
+    seq: u32,
+    send: impl FnOnce() -> bool,
 ) -> bool {
-    let seq = blob.seq;
     let mut next = order.next.lock().unwrap_or_else(PoisonError::into_inner);
     while *next != seq {
         if stop.load(Ordering::SeqCst) {
@@ -287,33 +367,20 @@ fn send_in_order(
             .wait(next)
             .unwrap_or_else(PoisonError::into_inner);
     }
-    // Sending while holding the turn keeps the channel in seq order; the others wait meanwhile.
-    let sent = tx.blocking_send(blob).is_ok();
+    // Sending while holding the turn keeps the queue in seq order; the others wait meanwhile.
+    let sent = send();
     *next = seq.wrapping_add(1);
     drop(next);
     order.turn.notify_all();
     sent
 }
 
-fn encode_job<T: ChangeTracker + ?Sized>(
-    tracker: &T,
-    session: &Session,
-    settings: &EncodeSettings,
-    job: Job,
-    buf: &mut AlignedBuf,
-) -> Result<EncodedBlob> {
+fn encode_job(session: &Session, settings: &EncodeSettings, job: ReadJob) -> Result<EncodedBlob> {
     let span: u64 = job.group.iter().map(Extent::len_bytes).sum();
-    let mut owned;
-    let bytes: &mut [u8] = match job.data {
-        Some(data) => {
-            owned = data;
-            owned.as_mut_slice()
-        }
-        None => {
-            buf.resize(span as usize);
-            read_extents(tracker, &job.group, buf.as_mut_slice(), settings.read_depth)?;
-            buf.as_mut_slice()
-        }
+    let mut data = job.data;
+    let bytes: &mut [u8] = match &mut data {
+        ReadData::Produced(v) => v.as_mut_slice(),
+        ReadData::Read(buf) => buf.as_mut_slice(),
     };
     let (extents, data_len, zero_bytes) = compact_zero_runs(&job.group, bytes);
     let obj = session

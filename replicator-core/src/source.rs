@@ -31,6 +31,7 @@ use crate::state::{
     InFlightCycle, PendingCycle, ResyncState, SOURCE_FILE, STATE_VERSION, SourceState, StateDir,
 };
 use crate::tracker::{CbtTracker, ChangeTracker, OpenReport, TrackerConfig};
+use replicator_sink::buf::BufPool;
 
 pub use crate::pipeline::ZERO_DETECT_BYTES;
 
@@ -47,10 +48,13 @@ pub struct ShipConfig {
     pub blobs_queued_max: usize,
     /// Puts running at once, at most. 4.
     pub puts_in_flight_max: usize,
-    /// Threads reading, checksumming, compressing and encrypting blobs; 0 = two per core. Each
-    /// holds at most one blob's read buffer and one encoded blob.
+    /// Threads checksumming, compressing and encrypting blobs; 0 = one per core. Each holds at
+    /// most one blob's bytes and one encoded blob.
     pub encode_threads: usize,
-    /// Reads in flight per encoding thread (a delta's many small extents are read at once). 16.
+    /// Threads reading blob groups ahead of the encoders, each into its own buffer, so that the
+    /// disk stays busy while the encoders use every core. 2.
+    pub read_threads: usize,
+    /// Reads in flight per reading thread (a delta's many small extents are read at once). 16.
     pub read_depth: usize,
     /// Shipped cycles the target has not acknowledged, at most; shipping refuses beyond. 64.
     pub unacked_cycles_max: usize,
@@ -69,6 +73,7 @@ impl Default for ShipConfig {
             blobs_queued_max: 4,
             puts_in_flight_max: 4,
             encode_threads: 0,
+            read_threads: 2,
             read_depth: 16,
             unacked_cycles_max: 64,
             gc: GcPolicy::default(),
@@ -1176,7 +1181,14 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
 ) -> Result<(u32, u64, u64, Option<ResyncScan>)> {
     let disk = src.disk_id;
     let salt = crate::error::fresh_salt()?;
-    let session = Arc::new(Session::new(disk_key, disk, cycle, attempt, salt));
+    let threads = match cfg.encode_threads {
+        0 => pipeline::default_threads(),
+        n => n,
+    };
+    let read_threads = cfg.read_threads.max(1);
+    // Encoded blobs alive at once: one per worker, the queue, the puts in flight.
+    let pool = BufPool::new(threads + cfg.blobs_queued_max + cfg.puts_in_flight_max);
+    let session = Arc::new(Session::new(disk_key, disk, cycle, attempt, salt).with_pool(pool));
     let (label, total) = match &plan {
         CyclePlan::Changed(b) if cycle == 1 => ("initial copy", b.count() * SECTOR_SIZE),
         CyclePlan::Changed(b) => ("delta", b.count() * SECTOR_SIZE),
@@ -1200,11 +1212,8 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
         attempt,
         disk,
         zstd_level: cfg.zstd_level,
-        threads: match cfg.encode_threads {
-            // Twice the cores: a worker waiting on its reads leaves its core to another.
-            0 => pipeline::default_threads() * 2,
-            n => n,
-        },
+        threads,
+        read_threads,
         read_depth: cfg.read_depth.max(1),
     };
     let producer = tokio::task::spawn_blocking(move || -> Result<Option<ResyncScan>> {

@@ -18,9 +18,12 @@
 //! is repaired by running hydrate again: an applying cycle is re-applied from the cache.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use replicator_sink::buf::BufPool;
 use replicator_sink::{PutMode, Sink};
 
 use crate::bitmap::{Extent, SECTOR_SIZE, SectorBitmap};
@@ -153,7 +156,8 @@ pub struct Target<D: BlockDevice> {
     dir: StateDir,
     state: TargetState,
     disk_id: DiskId,
-    tracker: CbtTracker<D>,
+    /// Shared with the threads that write an initial copy's blobs side by side.
+    tracker: Arc<CbtTracker<D>>,
 }
 
 /// The disks that have objects in the cache.
@@ -220,7 +224,7 @@ impl<D: BlockDevice> Target<D> {
             dir,
             state,
             disk_id: disk,
-            tracker: CbtTracker::in_memory(device, TrackerConfig::default()),
+            tracker: Arc::new(CbtTracker::in_memory(device, TrackerConfig::default())),
         })
     }
 
@@ -301,7 +305,7 @@ async fn candidates(
 }
 
 /// Applies every committed cycle not yet applied, in order, stopping at the first failure.
-pub async fn hydrate<D: BlockDevice>(
+pub async fn hydrate<D: BlockDevice + 'static>(
     t: &mut Target<D>,
     sink: &dyn Sink,
     key: &MasterKey,
@@ -638,6 +642,7 @@ fn verify_blob(
     attempt: u64,
     listed: &ManifestBlob,
     disk_sectors: u64,
+    pool: &Arc<BufPool>,
 ) -> Result<DecodedBlob> {
     let expect = Expect {
         disk_id: disk,
@@ -646,9 +651,11 @@ fn verify_blob(
         seq: Some(listed.seq),
         tag: Some(listed.tag),
     };
-    let blob = format::decode_blob(disk_key, bytes, &expect).map_err(|e| Error::Object {
-        key: key.to_owned(),
-        source: e,
+    let blob = format::decode_blob_pooled(disk_key, bytes, &expect, Some(pool)).map_err(|e| {
+        Error::Object {
+            key: key.to_owned(),
+            source: e,
+        }
     })?;
     for (i, e) in blob.extents.iter().enumerate() {
         let end = e.start_sector.checked_add(e.sector_count);
@@ -747,83 +754,179 @@ enum BlobFrom {
     File(PathBuf),
 }
 
-/// Fetches and verifies `fetches` in order; each item is a future, so that `.buffered(n)` runs
-/// `n` fetches at once, each verified on the blocking pool as soon as it arrived.
-fn verified_blobs<'a>(
-    sink: &'a dyn Sink,
-    disk_key: &'a DiskKey,
+/// Fetches one blob's bytes from where `from` says.
+async fn fetch_blob(sink: &dyn Sink, key: &str, from: BlobFrom) -> Result<Bytes> {
+    match from {
+        BlobFrom::Sink => sink.get(key).await.map_err(Error::from),
+        BlobFrom::File(path) => std::fs::read(&path)
+            .map(Bytes::from)
+            .map_err(|e| Error::state_io(&path, "cannot read a staged blob", e)),
+    }
+}
+
+/// What the blobs of one cycle are checked against, for the threads that verify them.
+#[derive(Clone)]
+struct CycleCheck {
+    disk_key: DiskKey,
     disk: DiskId,
     cycle: u64,
     attempt: u64,
     disk_sectors: u64,
+    /// Decoded blobs' buffers, reused once a blob was written.
+    pool: Arc<BufPool>,
+}
+
+impl CycleCheck {
+    fn verify(&self, key: &str, bytes: &[u8], listed: &ManifestBlob) -> Result<DecodedBlob> {
+        verify_blob(
+            &self.disk_key,
+            key,
+            bytes,
+            self.disk,
+            self.cycle,
+            self.attempt,
+            listed,
+            self.disk_sectors,
+            &self.pool,
+        )
+    }
+}
+
+/// Runs `f` on the blocking pool; a panic there becomes an error.
+async fn on_blocking_pool<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(Error::InvalidInput(format!(
+            "a verifying thread failed: {e}"
+        )))
+    })
+}
+
+/// Fetches and verifies `fetches` in order; each item is a future, so that `.buffered(n)` runs
+/// `n` fetches at once, each verified on the blocking pool as soon as it arrived.
+fn verified_blobs<'a>(
+    sink: &'a dyn Sink,
+    check: &'a CycleCheck,
     fetches: Vec<(ManifestBlob, BlobFrom)>,
 ) -> impl Stream<
     Item = impl std::future::Future<Output = (ManifestBlob, Result<(Bytes, DecodedBlob)>)> + 'a,
 > + 'a {
     futures::stream::iter(fetches).map(move |(b, from)| async move {
-        let key = layout::blob_key(&disk, cycle, attempt, b.seq);
-        let bytes = match from {
-            BlobFrom::Sink => sink.get(&key).await.map_err(Error::from),
-            BlobFrom::File(path) => std::fs::read(&path)
-                .map(Bytes::from)
-                .map_err(|e| Error::state_io(&path, "cannot read a staged blob", e)),
-        };
-        let bytes = match bytes {
+        let key = layout::blob_key(&check.disk, check.cycle, check.attempt, b.seq);
+        let bytes = match fetch_blob(sink, &key, from).await {
             Ok(bytes) => bytes,
             Err(e) => return (b, Err(e)),
         };
-        let (dk, listed, data) = (disk_key.clone(), b.clone(), bytes.clone());
-        let verified = tokio::task::spawn_blocking(move || {
-            verify_blob(
-                &dk,
-                &key,
-                &data,
-                disk,
-                cycle,
-                attempt,
-                &listed,
-                disk_sectors,
-            )
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(Error::InvalidInput(format!(
-                "a verifying thread failed: {e}"
-            )))
-        })
-        .map(|blob| (bytes, blob));
+        let (check, listed, data) = (check.clone(), b.clone(), bytes.clone());
+        let verified = on_blocking_pool(move || check.verify(&key, &data, &listed))
+            .await
+            .map(|blob| (bytes, blob));
         (b, verified)
     })
 }
 
-/// Zero extents: what was found already zero on the target (and so not written).
-struct ZeroProbe {
-    buf: AlignedBuf,
-    zeros: Vec<u8>,
-    already_zero: SectorBitmap,
+/// One blob of an initial copy, verified and written by [`written_blobs`].
+struct WrittenBlob {
+    extents: Vec<Extent>,
+    already_zero: Vec<Extent>,
+    span_bytes: u64,
 }
 
-impl ZeroProbe {
-    fn new(disk_sectors: u64) -> Self {
-        ZeroProbe {
-            buf: AlignedBuf::zeroed(0),
-            zeros: Vec::new(),
-            already_zero: SectorBitmap::new(disk_sectors),
-        }
-    }
+/// Fetches, verifies and writes `fetches`: each item is a future, so that `.buffered(n)` keeps
+/// `n` blobs in progress, each verified and then written on the blocking pool (writes go to the
+/// target side by side, which keeps its queue full). A blob whose sectors overlap a blob already
+/// claimed is refused before it writes anything. Once `stop` is set no further blob starts.
+fn written_blobs<'a, D: BlockDevice + 'static>(
+    sink: &'a dyn Sink,
+    check: &'a CycleCheck,
+    tracker: &'a Arc<CbtTracker<D>>,
+    claimed: &'a Arc<Mutex<SectorBitmap>>,
+    stop: &'a Arc<AtomicBool>,
+    fetches: Vec<ManifestBlob>,
+) -> impl Stream<Item = impl std::future::Future<Output = (ManifestBlob, Result<WrittenBlob>)> + 'a> + 'a
+{
+    let stop_starting = Arc::clone(stop);
+    let fetches = fetches
+        .into_iter()
+        .take_while(move |_| !stop_starting.load(Ordering::SeqCst));
+    futures::stream::iter(fetches).map(move |b| async move {
+        let key = layout::blob_key(&check.disk, check.cycle, check.attempt, b.seq);
+        let bytes = match fetch_blob(sink, &key, BlobFrom::Sink).await {
+            Ok(bytes) => bytes,
+            Err(e) => return (b, Err(e)),
+        };
+        let (check, listed, tracker, claimed, stop) = (
+            check.clone(),
+            b.clone(),
+            Arc::clone(tracker),
+            Arc::clone(claimed),
+            Arc::clone(stop),
+        );
+        let written = on_blocking_pool(move || {
+            let blob = check.verify(&key, &bytes, &listed)?;
+            drop(bytes);
+            let extents: Vec<Extent> = blob
+                .extents
+                .iter()
+                .map(|e| Extent::new(e.start_sector, e.sector_count))
+                .collect();
+            {
+                let mut claimed = claimed.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(e) = extents.iter().find(|e| {
+                    claimed
+                        .extents_within(e.start_sector, e.sector_count)
+                        .next()
+                        .is_some()
+                }) {
+                    return Err(Error::Manifest {
+                        key,
+                        detail: format!(
+                            "its sectors {}+{} overlap another blob of the cycle",
+                            e.start_sector, e.sector_count
+                        ),
+                    });
+                }
+                for e in &extents {
+                    claimed.mark_extent(*e)?;
+                }
+            }
+            if stop.load(Ordering::SeqCst) {
+                return Err(Error::InvalidInput(
+                    "the cycle stopped before this blob was written".into(),
+                ));
+            }
+            let span_bytes = extents.iter().map(Extent::len_bytes).sum();
+            let already_zero = write_blob(&tracker, &key, &blob)?;
+            Ok(WrittenBlob {
+                extents,
+                already_zero,
+                span_bytes,
+            })
+        })
+        .await;
+        (b, written)
+    })
+}
+
+thread_local! {
+    /// A writing thread's buffers for zero extents: one to read the target into (is it zero
+    /// already?) and one of zeros to write.
+    static ZERO_BUFFERS: std::cell::RefCell<(AlignedBuf, Vec<u8>)> =
+        std::cell::RefCell::new((AlignedBuf::zeroed(0), Vec::new()));
 }
 
 /// Writes one verified blob through the target's tracker: data extents as they are; zero
 /// extents of at least [`ZERO_PROBE_MIN_BYTES`] only where the target does not already read as
-/// zero (those sectors are recorded in `probe` and count as written), shorter ones as zeros.
+/// zero, shorter ones as zeros. Returns the sectors found already zero (not written; they hold
+/// what the cycle says, so they count as written).
 fn write_blob<D: BlockDevice>(
     tracker: &CbtTracker<D>,
     key: &str,
     blob: &DecodedBlob,
-    probe: &mut ZeroProbe,
-    progress: &dyn Progress,
-) -> Result<()> {
+) -> Result<Vec<Extent>> {
     let mut data_pos = 0usize;
+    let mut already_zero: Vec<Extent> = Vec::new();
     for e in &blob.extents {
         let len = (e.sector_count * SECTOR_SIZE) as usize;
         let offset = e.start_sector * SECTOR_SIZE;
@@ -839,38 +942,63 @@ fn write_blob<D: BlockDevice>(
                 tracker.write_at(chunk, offset)?;
                 data_pos += len;
             }
-            ExtentKind::Zero => {
+            ExtentKind::Zero => ZERO_BUFFERS.with(|cell| -> Result<()> {
+                let (probe, zeros) = &mut *cell.borrow_mut();
                 let check = len as u64 >= ZERO_PROBE_MIN_BYTES;
                 let mut done = 0usize;
                 while done < len {
                     let n = ZERO_WRITE_BYTES.min(len - done);
                     let at = offset + done as u64;
                     if check {
-                        probe.buf.resize(n);
-                        tracker.read_at(probe.buf.as_mut_slice(), at)?;
-                        if pipeline::is_zero(probe.buf.as_slice()) {
-                            probe
-                                .already_zero
-                                .mark_sectors(at / SECTOR_SIZE, n as u64 / SECTOR_SIZE)?;
+                        probe.resize(n);
+                        tracker.read_at(probe.as_mut_slice(), at)?;
+                        if pipeline::is_zero(probe.as_slice()) {
+                            let found = Extent::new(at / SECTOR_SIZE, n as u64 / SECTOR_SIZE);
+                            match already_zero.last_mut() {
+                                Some(last) if last.end_sector() == found.start_sector => {
+                                    last.sector_count += found.sector_count;
+                                }
+                                _ => already_zero.push(found),
+                            }
                             done += n;
                             continue;
                         }
                     }
-                    if probe.zeros.len() < n {
-                        probe.zeros = vec![0u8; ZERO_WRITE_BYTES];
+                    if zeros.len() < n {
+                        *zeros = vec![0u8; ZERO_WRITE_BYTES];
                     }
-                    tracker.write_at(&probe.zeros[..n], at)?;
+                    tracker.write_at(&zeros[..n], at)?;
                     done += n;
                 }
-            }
+                Ok(())
+            })?,
         }
-        progress.advance(len as u64);
     }
+    Ok(already_zero)
+}
+
+/// Writes a blob on this thread and records what it found already zero.
+fn write_blob_here<D: BlockDevice>(
+    tracker: &CbtTracker<D>,
+    key: &str,
+    blob: &DecodedBlob,
+    already_zero: &mut SectorBitmap,
+    progress: &dyn Progress,
+) -> Result<()> {
+    for e in write_blob(tracker, key, blob)? {
+        already_zero.mark_extent(e)?;
+    }
+    progress.advance(
+        blob.extents
+            .iter()
+            .map(|e| e.sector_count * SECTOR_SIZE)
+            .sum(),
+    );
     Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn apply_cycle<D: BlockDevice>(
+async fn apply_cycle<D: BlockDevice + 'static>(
     t: &mut Target<D>,
     sink: &dyn Sink,
     disk_key: &DiskKey,
@@ -915,8 +1043,17 @@ async fn apply_cycle<D: BlockDevice>(
     // and one decoded blob. One thread: one blob at a time, fetched in manifest order.
     let ahead = if threads <= 1 { 1 } else { threads * 2 };
     let total: u64 = manifest.blobs.iter().map(|b| b.object_len).sum();
-    let mut probe = ZeroProbe::new(disk_sectors);
+    let mut already_zero = SectorBitmap::new(disk_sectors);
     let blob_bytes = total;
+    let check = CycleCheck {
+        disk_key: disk_key.clone(),
+        disk,
+        cycle,
+        attempt,
+        disk_sectors,
+        // Each blob in progress holds a plaintext and a decoded buffer.
+        pool: BufPool::new(2 * ahead + 2),
+    };
 
     if t.state.committed_cycle == 0 && cfg.initial_single_pass {
         // The initial copy: no committed cycle to protect, so each blob is verified right before
@@ -930,32 +1067,40 @@ async fn apply_cycle<D: BlockDevice>(
         let mut covered = SectorBitmap::new(disk_sectors);
         let mut unusable: Vec<String> = Vec::new();
         let mut first_error: Option<Error> = None;
-        let fetches = manifest
-            .blobs
-            .iter()
-            .map(|b| (b.clone(), BlobFrom::Sink))
-            .collect();
+        let mut fatal: Option<Error> = None;
+        let claimed = Arc::new(Mutex::new(SectorBitmap::new(disk_sectors)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let fetches = manifest.blobs.clone();
         let mut stream =
-            verified_blobs(sink, disk_key, disk, cycle, attempt, disk_sectors, fetches)
-                .buffered(ahead);
-        while let Some((b, verified)) = stream.next().await {
-            match verified {
-                Ok((_, blob)) => {
-                    for e in &blob.extents {
-                        covered.mark_extent(Extent::new(e.start_sector, e.sector_count))?;
+            written_blobs(sink, &check, &t.tracker, &claimed, &stop, fetches).buffered(ahead);
+        // Every blob started is waited for, also after a failure: no write of this attempt may
+        // land after hydrate returned.
+        while let Some((_, written)) = stream.next().await {
+            match written {
+                Ok(w) => {
+                    for e in w.extents {
+                        covered.mark_extent(e)?;
                     }
-                    let key = layout::blob_key(&disk, cycle, attempt, b.seq);
-                    write_blob(&t.tracker, &key, &blob, &mut probe, progress)?;
+                    for e in w.already_zero {
+                        already_zero.mark_extent(e)?;
+                    }
+                    progress.advance(w.span_bytes);
                 }
                 Err(e) if e.kind() == ErrorKind::Transient || e.kind() == ErrorKind::Io => {
-                    progress.end();
-                    return Err(e);
+                    stop.store(true, Ordering::SeqCst);
+                    fatal.get_or_insert(e);
                 }
                 Err(e) => {
-                    unusable.push(format!("{e}"));
-                    first_error.get_or_insert(e);
+                    if fatal.is_none() {
+                        unusable.push(format!("{e}"));
+                        first_error.get_or_insert(e);
+                    }
                 }
             }
+        }
+        if let Some(e) = fatal {
+            progress.end();
+            return Err(e);
         }
         drop(stream);
         progress.end();
@@ -987,9 +1132,7 @@ async fn apply_cycle<D: BlockDevice>(
                 .iter()
                 .map(|b| (b.clone(), BlobFrom::Sink))
                 .collect();
-            let mut stream =
-                verified_blobs(sink, disk_key, disk, cycle, attempt, disk_sectors, fetches)
-                    .buffered(ahead);
+            let mut stream = verified_blobs(sink, &check, fetches).buffered(ahead);
             let mut index = 0usize;
             while let Some((b, verified)) = stream.next().await {
                 match verified {
@@ -1045,7 +1188,9 @@ async fn apply_cycle<D: BlockDevice>(
         for (b, slot) in manifest.blobs.iter().zip(kept.iter_mut()) {
             let key = layout::blob_key(&disk, cycle, attempt, b.seq);
             match slot.take() {
-                Some(blob) => write_blob(&t.tracker, &key, &blob, &mut probe, progress)?,
+                Some(blob) => {
+                    write_blob_here(&t.tracker, &key, &blob, &mut already_zero, progress)?
+                }
                 None if stage_locally => {
                     again.push((b.clone(), BlobFrom::File(staging.join(b.seq.to_string()))))
                 }
@@ -1053,16 +1198,15 @@ async fn apply_cycle<D: BlockDevice>(
             }
         }
         drop(kept);
-        let mut stream = verified_blobs(sink, disk_key, disk, cycle, attempt, disk_sectors, again)
-            .buffered(ahead);
+        let mut stream = verified_blobs(sink, &check, again).buffered(ahead);
         while let Some((b, verified)) = stream.next().await {
             let (_, blob) = verified?;
             let key = layout::blob_key(&disk, cycle, attempt, b.seq);
-            write_blob(&t.tracker, &key, &blob, &mut probe, progress)?;
+            write_blob_here(&t.tracker, &key, &blob, &mut already_zero, progress)?;
         }
     }
     // Sectors found already zero hold what the cycle says: they count as written.
-    crate::tracker::ChangeTracker::carry(&t.tracker, &probe.already_zero)?;
+    crate::tracker::ChangeTracker::carry(&*t.tracker, &already_zero)?;
     t.tracker.flush()?;
     progress.end();
 

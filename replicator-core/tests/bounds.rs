@@ -90,6 +90,7 @@ async fn a_stalled_sink_holds_the_reader_to_the_pipeline_budget() -> anyhow::Res
         blobs_queued_max: 2,
         puts_in_flight_max: 3,
         encode_threads: 2,
+        read_threads: 2,
         ..ShipConfig::default()
     };
     let sink = Arc::new(Stalled::default());
@@ -114,9 +115,11 @@ async fn a_stalled_sink_holds_the_reader_to_the_pipeline_budget() -> anyhow::Res
     }
     let read_bytes = read.load(Ordering::SeqCst);
     let puts = sink.puts_started.load(Ordering::SeqCst);
-    // In flight (3), queued in the channel (2), and one per encoding thread (2), each holding the
-    // blob it waits to send; the jobs queued for the threads are not read yet.
-    let budget_blobs = 3 + 2 + 2;
+    // In flight (3), queued for the putter (2), one per encoding thread (2) holding the blob it
+    // waits to send, read groups queued for the encoders (one per encoder: 2) and one per reading
+    // thread (2) holding the group it waits to hand on; the jobs queued for the readers are not
+    // read yet.
+    let budget_blobs = 3 + 2 + 2 + 2 + 2;
     assert_eq!(puts, 3, "puts in flight are capped at puts_in_flight_max");
     assert!(
         read_bytes <= budget_blobs * span,

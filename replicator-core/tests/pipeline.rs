@@ -47,11 +47,12 @@ async fn decoded_blobs(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_thread_count_gives_the_same_blobs_in_seq_order() -> anyhow::Result<()> {
     let mut reference = None;
-    for threads in [1usize, 2, 5] {
+    for (threads, readers) in [(1usize, 1usize), (2, 2), (5, 3)] {
         let mut w = World::new(41)?;
         w.ship_cfg = ShipConfig {
             blob_span_bytes_max: 64 << 10,
             encode_threads: threads,
+            read_threads: readers,
             read_depth: 3,
             // One put at a time: the order puts start is the order blobs reach the putter.
             puts_in_flight_max: 1,

@@ -9,6 +9,7 @@
 //! Everything a sink stores is already encrypted and authenticated by the core: a sink is trusted
 //! for availability only, never for confidentiality or integrity.
 
+pub mod buf;
 pub mod clock;
 pub mod conformance;
 mod error;
