@@ -1,5 +1,5 @@
 //! The parallel pipeline: blobs are the same, in the same seq order, for any number of threads;
-//! the single-pass initial copy writes only verified bytes and heals; zero extents the target
+//! the single-pass initial copy writes only verified bytes, refuses blobs that overlap, and heals; zero extents the target
 //! already holds are not written yet reconcile; `FileDevice` reads (direct or cached, aligned or
 //! not) return the file's bytes.
 
@@ -11,14 +11,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use common::{DISK_BYTES, World};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use replicator_core::bitmap::SECTOR_SIZE;
+use replicator_core::bitmap::{SECTOR_SIZE, SectorBitmap};
 use replicator_core::device::{AlignedBuf, BlockDevice, DeviceError, FileDevice, MemDevice};
 use replicator_core::format::{self, Expect};
 use replicator_core::layout;
 use replicator_core::progress::NoProgress;
 use replicator_core::source::ShipConfig;
 use replicator_core::target::{HydrateConfig, Target, hydrate};
-use replicator_sink::Sink;
+use replicator_sink::{PutMode, Sink};
 
 /// (seq, object length, extents, data) of every blob of `cycle`, decoded.
 async fn decoded_blobs(
@@ -159,6 +159,91 @@ async fn blobs_are_put_in_seq_order_whatever_the_threads() -> anyhow::Result<()>
         let want = layout::blob_key(&disk, shipped.cycle, source.state().attempts, seq as u32);
         assert_eq!(**key, want, "put {seq} out of order");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_of_one_cycle_that_overlap_are_refused_before_the_overlap_is_written()
+-> anyhow::Result<()> {
+    // The initial copy writes blobs side by side, so the order of two blobs' writes is not the
+    // manifest's: blobs that claim the same sectors (only someone holding the key could make
+    // them) must be refused, never raced. Forge such a cycle 1 under the real key and attempt.
+    let mut w = World::new(44)?;
+    w.ship().await?;
+    let disk = w.source.disk_id();
+    let disk_key = w.key.disk_key(&disk);
+    let manifest_key = layout::manifest_key(&disk, 1);
+    let attempt = format::peek_header(&w.sink.get(&manifest_key).await?)?.attempt;
+    let session = format::Session::new(
+        &disk_key,
+        disk,
+        1,
+        attempt,
+        format::Session::generate_salt()?,
+    );
+    let data = |start: u64, count: u64| format::BlobExtent {
+        start_sector: start,
+        sector_count: count,
+        kind: format::ExtentKind::Data,
+    };
+    // Blob 0: sectors 0..64 of 0xAA; blob 1: sectors 32..96 of 0xBB. Sectors 32..64 are in both.
+    let blobs = [
+        session.encode_blob(0, &[data(0, 64)], &[0xAA; 64 * 512], 1)?,
+        session.encode_blob(1, &[data(32, 64)], &[0xBB; 64 * 512], 1)?,
+    ];
+    let mut bitmap = SectorBitmap::new(DISK_BYTES / SECTOR_SIZE);
+    bitmap.mark_sectors(0, 96)?;
+    let manifest = format::Manifest {
+        base_cycle: 0,
+        disk_bytes: DISK_BYTES,
+        blobs: blobs
+            .iter()
+            .enumerate()
+            .map(|(seq, b)| format::ManifestBlob {
+                seq: seq as u32,
+                object_len: b.bytes.len() as u64,
+                tag: b.tag,
+                data_bytes: 64 * 512,
+            })
+            .collect(),
+        bitmap: bitmap.encode(),
+        created_unix_ms: 1_700_000_000_000,
+    };
+    for (seq, b) in blobs.iter().enumerate() {
+        let key = layout::blob_key(&disk, 1, attempt, seq as u32);
+        w.sink
+            .put(&key, b.bytes.clone(), PutMode::Overwrite)
+            .await?;
+    }
+    let encoded = session.encode_manifest(&manifest)?;
+    w.sink
+        .put(&manifest_key, encoded.bytes, PutMode::Overwrite)
+        .await?;
+
+    let r = w.hydrate().await?;
+    let failed = r
+        .failed
+        .ok_or_else(|| anyhow::anyhow!("overlapping blobs were applied"))?;
+    assert_eq!(failed.cycle, 1);
+    let msg = failed.error.to_string();
+    assert!(
+        msg.contains("overlap"),
+        "the error says the blobs overlap: {msg}"
+    );
+    assert_eq!(r.committed_cycle, 0, "nothing committed");
+    // One blob claimed the sectors and was written whole; the other wrote nothing.
+    let tgt = w.tgt_disk.snapshot();
+    let shared = &tgt[32 * 512..64 * 512];
+    assert!(
+        shared.iter().all(|&b| b == 0xAA) || shared.iter().all(|&b| b == 0xBB),
+        "the shared sectors were written by both blobs"
+    );
+    let first_only = &tgt[..32 * 512];
+    let second_only = &tgt[64 * 512..96 * 512];
+    assert!(
+        first_only.iter().all(|&b| b == 0) || second_only.iter().all(|&b| b == 0),
+        "both overlapping blobs were written"
+    );
     Ok(())
 }
 
