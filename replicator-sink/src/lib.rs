@@ -80,7 +80,8 @@ pub trait Sink: Send + Sync + std::fmt::Debug {
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> Result<(), SinkError>;
     /// Returns the whole object stored under `key`.
     async fn get(&self, key: &str) -> Result<Bytes, SinkError>;
-    /// Returns every object whose key starts with `prefix`, sorted by key.
+    /// Returns every object whose key starts with `prefix`, sorted by key. An object put or
+    /// deleted while the list runs may or may not be in it; the list itself does not fail.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, SinkError>;
     /// Removes the object under `key`; succeeds if there is none.
     async fn delete(&self, key: &str) -> Result<(), SinkError>;

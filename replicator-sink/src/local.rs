@@ -310,9 +310,13 @@ fn list_blocking(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>, SinkError
             } else {
                 format!("{rel}/{name}")
             };
-            let file_type = entry
-                .file_type()
-                .map_err(|e| SinkError::io("list", prefix, e))?;
+            // An entry deleted since the directory was read (a concurrent delete, such as the
+            // source's garbage collection) is not listed rather than failing the list.
+            let file_type = match entry.file_type() {
+                Ok(t) => t,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(SinkError::io("list", prefix, e)),
+            };
             if file_type.is_dir() {
                 // Descend only where keys below can still match the prefix.
                 let dir_key = format!("{key}/");
@@ -320,10 +324,11 @@ fn list_blocking(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>, SinkError
                     stack.push((entry.path(), key));
                 }
             } else if file_type.is_file() && key.starts_with(prefix) {
-                let size_bytes = entry
-                    .metadata()
-                    .map_err(|e| SinkError::io("list", prefix, e))?
-                    .len();
+                let size_bytes = match entry.metadata() {
+                    Ok(m) => m.len(),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(SinkError::io("list", prefix, e)),
+                };
                 out.push(ObjectMeta { key, size_bytes });
             }
         }
@@ -446,6 +451,38 @@ mod tests {
         );
         let dir = tempfile::tempdir_in(shm).unwrap();
         round_trip_sizes(dir.path());
+    }
+
+    #[test]
+    fn listing_while_objects_are_deleted_never_fails() {
+        // A target lists a disk's manifests while the source's garbage collection deletes old
+        // ones: an object gone between the directory read and its size is simply not listed.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        fs::create_dir_all(root.join(TMP_DIR)).unwrap();
+        let objects = root.join("d/manifests");
+        fs::create_dir_all(&objects).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn = {
+            let (objects, stop) = (objects.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    for i in 0..64 {
+                        fs::write(objects.join(i.to_string()), b"m").unwrap();
+                    }
+                    for i in 0..64 {
+                        fs::remove_file(objects.join(i.to_string())).unwrap();
+                    }
+                }
+            })
+        };
+        let mut seen = 0usize;
+        let result = (0..3000)
+            .try_for_each(|_| list_blocking(&root, "d/manifests/").map(|l| seen += l.len()));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        churn.join().unwrap();
+        assert!(result.is_ok(), "{result:?}");
+        assert!(seen > 0, "the lists saw objects");
     }
 
     #[test]
