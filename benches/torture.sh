@@ -126,13 +126,27 @@ harness=$(realpath "$harness")
 
 work=$(mktemp -d /var/tmp/replicator-torture.XXXXXX)
 loopdev="" tracker_pid="" fio_pid="" ship_pid="" hydrate_pid="" ok=0
-cleanup() {
-    local pid
-    for pid in "$ship_pid" "$hydrate_pid"; do
-        [[ -n "$pid" ]] && kill -9 "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+# Stops a child: SIGNAL, then SIGKILL if it is still there after 5 s. It polls /proc instead of
+# `wait`, which can block for good inside this EXIT trap (seen after a failure in the main loop,
+# waiting on a ship already killed and gone).
+stop_child() {
+    local pid=$1 signal=$2 i st
+    [[ -n "$pid" ]] || return 0
+    kill "-$signal" "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < 50; i++)); do
+        [[ -d /proc/$pid ]] || return 0
+        read -r _ _ st _ 2>/dev/null </proc/"$pid"/stat || return 0
+        [[ $st == Z ]] && return 0
+        sleep 0.1
     done
-    if [[ -n "$fio_pid" ]]; then kill -TERM "$fio_pid" 2>/dev/null; wait "$fio_pid" 2>/dev/null; fi
-    if [[ -n "$tracker_pid" ]]; then kill -TERM "$tracker_pid" 2>/dev/null; wait "$tracker_pid" 2>/dev/null; fi
+    kill -9 "$pid" 2>/dev/null || true
+}
+cleanup() {
+    set +e
+    stop_child "$ship_pid" KILL
+    stop_child "$hydrate_pid" KILL
+    stop_child "$fio_pid" TERM
+    stop_child "$tracker_pid" TERM
     if [[ -n "$loopdev" ]]; then losetup -d "$loopdev" || echo "torture: could not detach $loopdev" >&2; fi
     if ((ok)) && [[ -z "${TORTURE_KEEP:-}" ]]; then
         rm -rf "$work"
