@@ -852,10 +852,7 @@ fn open(
         header.attempt,
         &header.salt,
     );
-    let mut plaintext = match pool {
-        Some(pool) => pool.take(ciphertext.len()),
-        None => PooledBuf::unpooled(ciphertext.len()),
-    };
+    let mut plaintext = PooledBuf::take_from(pool, ciphertext.len());
     if !session.open_into(nonce, aad, ciphertext, &tag, plaintext.as_mut_slice()) {
         return Err(FormatError::AuthenticationFailed);
     }
@@ -1247,10 +1244,7 @@ impl Session {
         inner_len: usize,
         write_inner: impl FnOnce(&mut Vec<u8>),
     ) -> Result<EncodedObject, FormatError> {
-        let mut buf = match &self.pool {
-            Some(pool) => pool.take(0),
-            None => PooledBuf::unpooled(0),
-        };
+        let mut buf = PooledBuf::take_from(self.pool.as_ref(), 0);
         buf.reserve(HEADER_LEN.saturating_add(inner_len).saturating_add(TAG_LEN));
         let tag = {
             let (out, base) = buf.vec_mut();
@@ -1411,10 +1405,7 @@ pub fn decode_blob_pooled(
             });
         }
         let cap = to_usize(data_len, "blob data bytes")?;
-        let mut out = match pool {
-            Some(pool) => pool.take(cap),
-            None => PooledBuf::unpooled(cap),
-        };
+        let mut out = PooledBuf::take_from(pool, cap);
         let n = decompress_into(body, out.as_mut_slice())?;
         if len64(n) != data_len {
             return Err(FormatError::DecompressedLength {

@@ -245,18 +245,23 @@ where
         next: Mutex::new(0),
         turn: Condvar::new(),
     };
-    let fail = |e: Error| {
-        let mut f = failure.lock().unwrap_or_else(PoisonError::into_inner);
-        f.get_or_insert(e);
+    // Stops every stage and wakes the threads waiting for their turn, so they see it.
+    let halt = || {
         stop.store(true, Ordering::SeqCst);
         order.turn.notify_all();
         read_order.turn.notify_all();
     };
+    let fail = |e: Error| {
+        let mut f = failure.lock().unwrap_or_else(PoisonError::into_inner);
+        f.get_or_insert(e);
+        drop(f);
+        halt();
+    };
     let produced = std::thread::scope(|s| {
         for _ in 0..readers {
             let read_tx = read_tx.clone();
-            let (job_rx, buffers, stop, fail, read_order) =
-                (&job_rx, &buffers, &stop, &fail, &read_order);
+            let (job_rx, buffers, stop, fail, read_order, halt) =
+                (&job_rx, &buffers, &stop, &fail, &read_order, &halt);
             s.spawn(move || {
                 loop {
                     let job = {
@@ -292,8 +297,7 @@ where
                         data,
                     };
                     if !send_in_order(read_order, stop, seq, || read_tx.send(read).is_ok()) {
-                        stop.store(true, Ordering::SeqCst);
-                        read_order.turn.notify_all();
+                        halt();
                     }
                 }
             });
@@ -315,9 +319,7 @@ where
                             let seq = blob.seq;
                             if !send_in_order(&order, &stop, seq, || tx.blocking_send(blob).is_ok())
                             {
-                                stop.store(true, Ordering::SeqCst);
-                                order.turn.notify_all();
-                                read_order.turn.notify_all();
+                                halt();
                             }
                         }
                         Err(e) => fail(e),

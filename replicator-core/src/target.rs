@@ -630,48 +630,6 @@ async fn fail_cycle<D: BlockDevice>(
     .await
 }
 
-/// Authenticates, decompresses and CRC-checks one blob fetched from `key`, which the manifest
-/// lists as `listed`, and checks that its extents fit the disk.
-#[allow(clippy::too_many_arguments)]
-fn verify_blob(
-    disk_key: &DiskKey,
-    key: &str,
-    bytes: &[u8],
-    disk: DiskId,
-    cycle: u64,
-    attempt: u64,
-    listed: &ManifestBlob,
-    disk_sectors: u64,
-    pool: &Arc<BufPool>,
-) -> Result<DecodedBlob> {
-    let expect = Expect {
-        disk_id: disk,
-        cycle,
-        attempt: Some(attempt),
-        seq: Some(listed.seq),
-        tag: Some(listed.tag),
-    };
-    let blob = format::decode_blob_pooled(disk_key, bytes, &expect, Some(pool)).map_err(|e| {
-        Error::Object {
-            key: key.to_owned(),
-            source: e,
-        }
-    })?;
-    for (i, e) in blob.extents.iter().enumerate() {
-        let end = e.start_sector.checked_add(e.sector_count);
-        if end.is_none_or(|end| end > disk_sectors) {
-            return Err(Error::Manifest {
-                key: key.to_owned(),
-                detail: format!(
-                    "extent {i} (sectors {}+{}) lies past the end of the {disk_sectors}-sector disk",
-                    e.start_sector, e.sector_count
-                ),
-            });
-        }
-    }
-    Ok(blob)
-}
-
 /// After every blob was fetched and verified (or found unusable): the verified blobs must cover
 /// exactly the manifest's sectors, else a reconcile error naming the unusable blobs; then the
 /// first blob error, if any.
@@ -777,18 +735,35 @@ struct CycleCheck {
 }
 
 impl CycleCheck {
+    /// Authenticates, decompresses and CRC-checks one blob fetched from `key`, which the
+    /// manifest lists as `listed`, and checks that its extents fit the disk.
     fn verify(&self, key: &str, bytes: &[u8], listed: &ManifestBlob) -> Result<DecodedBlob> {
-        verify_blob(
-            &self.disk_key,
-            key,
-            bytes,
-            self.disk,
-            self.cycle,
-            self.attempt,
-            listed,
-            self.disk_sectors,
-            &self.pool,
-        )
+        let expect = Expect {
+            disk_id: self.disk,
+            cycle: self.cycle,
+            attempt: Some(self.attempt),
+            seq: Some(listed.seq),
+            tag: Some(listed.tag),
+        };
+        let blob = format::decode_blob_pooled(&self.disk_key, bytes, &expect, Some(&self.pool))
+            .map_err(|e| Error::Object {
+                key: key.to_owned(),
+                source: e,
+            })?;
+        let disk_sectors = self.disk_sectors;
+        for (i, e) in blob.extents.iter().enumerate() {
+            let end = e.start_sector.checked_add(e.sector_count);
+            if end.is_none_or(|end| end > disk_sectors) {
+                return Err(Error::Manifest {
+                    key: key.to_owned(),
+                    detail: format!(
+                        "extent {i} (sectors {}+{}) lies past the end of the {disk_sectors}-sector disk",
+                        e.start_sector, e.sector_count
+                    ),
+                });
+            }
+        }
+        Ok(blob)
     }
 }
 

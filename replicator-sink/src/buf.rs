@@ -104,6 +104,14 @@ impl PooledBuf {
         buf
     }
 
+    /// A buffer of `len` bytes from `pool`, or a one-off when there is none.
+    pub fn take_from(pool: Option<&Arc<BufPool>>, len: usize) -> PooledBuf {
+        match pool {
+            Some(pool) => pool.take(len),
+            None => PooledBuf::unpooled(len),
+        }
+    }
+
     /// Sets the length. Bytes kept keep their values only while the buffer does not grow past
     /// its capacity; new bytes are unspecified.
     pub fn set_len(&mut self, len: usize) {
