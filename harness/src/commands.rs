@@ -12,7 +12,7 @@ use replicator_core::device::{BlockDevice, FileDevice};
 use replicator_core::gc::{GcPolicy, plan_gc, run_gc};
 use replicator_core::keys::{DiskId, KeyError, MasterKey};
 use replicator_core::schedule::{Next, SchedulePolicy, Scheduler};
-use replicator_core::source::{ShipConfig, ShipOutcome, ShipReport, ship_cycle};
+use replicator_core::source::{Compression, ShipConfig, ShipOutcome, ShipReport, ship_cycle};
 use replicator_core::state::{
     SOURCE_FILE, SourceState, StateDir, TARGET_FILE, TargetState, read_json_file,
 };
@@ -160,6 +160,11 @@ pub struct ShipArgs {
     /// zstd level for blobs.
     #[arg(long, default_value_t = 1)]
     zstd_level: i32,
+    /// When blobs are compressed: `adaptive` stores a blob uncompressed when the cores fall
+    /// behind the disk (so compression never slows the copy; the sink's bytes grow instead);
+    /// `zstd` compresses every blob.
+    #[arg(long, value_enum, default_value_t = CompressionArg::Adaptive)]
+    compression: CompressionArg,
     /// Repair by checksums: ask the target for the digests of what it holds, then ship only the
     /// blocks that differ (run hydrate on the target in between). Also done on its own when
     /// tracking was lost or the target was replaced or restored.
@@ -200,6 +205,7 @@ pub fn ship_json(outcome: &ShipOutcome) -> Value {
             "zero_bytes": r.zero_bytes,
             "blob_count": r.blob_count,
             "stored_bytes": r.stored_bytes,
+            "blobs_kept_up": r.blobs_kept_up,
             "compression_ratio": (r.stored_bytes > 0)
                 .then(|| r.changed_bytes() as f64 / r.stored_bytes as f64),
             "duration_s": r.finished.since(r.started).as_secs_f64(),
@@ -225,6 +231,15 @@ pub fn ship_json(outcome: &ShipOutcome) -> Value {
             "request": request,
         }),
     }
+}
+
+/// `ship --compression`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompressionArg {
+    /// zstd unless the cores fall behind the disk.
+    Adaptive,
+    /// zstd for every blob.
+    Zstd,
 }
 
 /// Prints a ship outcome as text or as one JSON line (with the cache's metrics).
@@ -269,6 +284,12 @@ fn print_ship(r: &ShipReport) {
         table::bytes(r.zero_bytes),
         table::duration(r.finished.since(r.started))
     );
+    if r.blobs_kept_up > 0 {
+        println!(
+            "  {} of {} blobs stored uncompressed: the cores were behind the disk (--compression zstd compresses every blob)",
+            r.blobs_kept_up, r.blob_count
+        );
+    }
     if let Some(churn) = r.churn_bytes_per_s() {
         let fold = r
             .fold_ratio()
@@ -329,6 +350,10 @@ pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
     }
     let cfg = ShipConfig {
         zstd_level: args.zstd_level,
+        compression: match args.compression {
+            CompressionArg::Adaptive => Compression::Adaptive,
+            CompressionArg::Zstd => Compression::Zstd,
+        },
         resync_block_bytes: args.resync_block_size,
         ..ShipConfig::default()
     };

@@ -1033,6 +1033,17 @@ impl Session {
         data: &[u8],
         zstd_level: i32,
     ) -> Result<EncodedObject, FormatError> {
+        self.encode_blob_as(seq, extents, data, Some(zstd_level))
+    }
+
+    /// [`Session::encode_blob`], with the body stored uncompressed when `zstd_level` is `None`.
+    pub fn encode_blob_as(
+        &self,
+        seq: u32,
+        extents: &[BlobExtent],
+        data: &[u8],
+        zstd_level: Option<i32>,
+    ) -> Result<EncodedObject, FormatError> {
         let data_len = validate_extents(extents)?;
         if len64(data.len()) != data_len {
             return Err(FormatError::DataLength {
@@ -1077,7 +1088,10 @@ impl Session {
             let body_len_at = out.len();
             out.extend_from_slice(&0u64.to_le_bytes());
             let body_at = out.len();
-            let compressed = !data.is_empty() && compress_into(out, data, zstd_level);
+            let compressed = match zstd_level {
+                Some(level) if !data.is_empty() => compress_into(out, data, level),
+                _ => false,
+            };
             if compressed {
                 if let Some(flags) = out.get_mut(flags_at) {
                     *flags = BLOB_FLAG_COMPRESSED;

@@ -4,14 +4,18 @@
 //! not depend on timing); [`encode_blobs`] reads each group (large reads split into pieces read at
 //! once, so the device sees a deep queue), finds its all-zero runs, checksums, compresses and
 //! encrypts it on `threads` worker threads, and hands the encoded blobs to the putter **in seq
-//! order** (a worker that finishes early waits with its one blob). Bytes in flight are bounded by
-//! the worker count, the job queue and the putter's queue, never by the disk size.
+//! order**, so the sink sees the same puts in the same order whatever the timing. A worker that
+//! finishes ahead of its turn parks its blob (up to [`parked_max`] of them) and takes the next
+//! group, so a cheap blob (mostly zeros, or stored raw) does not leave a core idle behind a dear
+//! one; only with the parking full does it wait. Bytes in flight are bounded by the worker count,
+//! the queues and the parked blobs, never by the disk size.
 //!
 //! Copies: a group is read straight into an aligned buffer (no copy with `O_DIRECT`); zero runs
 //! are cut out by moving the data behind them down in place; the encoder then writes the
 //! (compressed) body once into the object, which is encrypted in place.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
 
 use bytes::Bytes;
@@ -164,6 +168,8 @@ pub struct EncodedBlob {
     /// Sectors' bytes the blob covers, zero runs included.
     pub span_bytes: u64,
     pub zero_bytes: u64,
+    /// Compression skipped to keep up with the disk ([`Compression::Adaptive`]).
+    pub kept_up: bool,
 }
 
 /// A blob group for the encoders: its extents, and its bytes if the producer read them already.
@@ -195,6 +201,7 @@ pub struct EncodeSettings {
     pub attempt: u64,
     pub disk: DiskId,
     pub zstd_level: i32,
+    pub compression: Compression,
     /// Encoding threads (at least 1).
     pub threads: usize,
     /// Reading threads (at least 1).
@@ -203,10 +210,42 @@ pub struct EncodeSettings {
     pub read_depth: usize,
 }
 
+/// How blob bodies are compressed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compression {
+    /// Every blob at the zstd level (kept only if smaller): the stored bytes depend on the data
+    /// alone.
+    Zstd,
+    /// At the zstd level while the encoders keep up with the readers. A group taken from a full
+    /// read queue (the readers wait for the encoders) while the putter has room is stored
+    /// uncompressed: the cores, not the disk or the sink, are then what limits the copy, and
+    /// storing it raw lets it go at the disk's pace. When the sink is the slower side, every blob
+    /// is compressed. The stored bytes depend on timing; the data never does.
+    #[default]
+    Adaptive,
+}
+
 /// Hands the seq numbers out in order and lets workers send only in that order.
 struct SendOrder {
     next: Mutex<u32>,
     turn: Condvar,
+}
+
+/// Encoded blobs finished ahead of their turn, at most: two per encoder.
+pub fn parked_max(threads: usize) -> usize {
+    2 * threads.max(1)
+}
+
+/// The encoders' hand-off to the putter: in seq order, with blobs finished early parked.
+struct Handoff {
+    state: Mutex<HandoffState>,
+    turn: Condvar,
+    parked_max: usize,
+}
+
+struct HandoffState {
+    next: u32,
+    parked: BTreeMap<u32, EncodedBlob>,
 }
 
 /// Runs `produce` on this thread, which submits blob groups (seq numbers 0, 1, 2... in order)
@@ -233,13 +272,20 @@ where
     // Read groups waiting for an encoder: one per encoder, so each finds the next one ready.
     let (read_tx, read_rx) = std::sync::mpsc::sync_channel::<ReadJob>(threads);
     let read_rx = Mutex::new(read_rx);
+    // Read groups handed on and not yet taken by an encoder, readers blocked on a full queue
+    // included: at `threads` or more, the readers are waiting for the encoders.
+    let read_waiting = AtomicUsize::new(0);
     // Read buffers: one per reader, one per queued group, one per encoder.
     let buffers = BufPool::new(readers + 2 * threads);
     let stop = AtomicBool::new(false);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
-    let order = SendOrder {
-        next: Mutex::new(0),
+    let order = Handoff {
+        state: Mutex::new(HandoffState {
+            next: 0,
+            parked: BTreeMap::new(),
+        }),
         turn: Condvar::new(),
+        parked_max: parked_max(threads),
     };
     let read_order = SendOrder {
         next: Mutex::new(0),
@@ -248,7 +294,16 @@ where
     // Stops every stage and wakes the threads waiting for their turn, so they see it.
     let halt = || {
         stop.store(true, Ordering::SeqCst);
+        // Taking each lock once orders the store before a waiter's next look at `stop`: one
+        // that looked just before still goes to sleep before this wakes it.
+        drop(order.state.lock().unwrap_or_else(PoisonError::into_inner));
         order.turn.notify_all();
+        drop(
+            read_order
+                .next
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
         read_order.turn.notify_all();
     };
     let fail = |e: Error| {
@@ -260,8 +315,15 @@ where
     let produced = std::thread::scope(|s| {
         for _ in 0..readers {
             let read_tx = read_tx.clone();
-            let (job_rx, buffers, stop, fail, read_order, halt) =
-                (&job_rx, &buffers, &stop, &fail, &read_order, &halt);
+            let (job_rx, buffers, stop, fail, read_order, halt, read_waiting) = (
+                &job_rx,
+                &buffers,
+                &stop,
+                &fail,
+                &read_order,
+                &halt,
+                &read_waiting,
+            );
             s.spawn(move || {
                 loop {
                     let job = {
@@ -296,7 +358,11 @@ where
                         group: job.group,
                         data,
                     };
-                    if !send_in_order(read_order, stop, seq, || read_tx.send(read).is_ok()) {
+                    let sent = send_in_order(read_order, stop, seq, || {
+                        read_waiting.fetch_add(1, Ordering::SeqCst);
+                        read_tx.send(read).is_ok()
+                    });
+                    if !sent {
                         halt();
                     }
                 }
@@ -311,14 +377,16 @@ where
                         rx.recv()
                     };
                     let Ok(job) = job else { break };
+                    let waiting = read_waiting.fetch_sub(1, Ordering::SeqCst);
                     if stop.load(Ordering::SeqCst) {
                         continue;
                     }
-                    match encode_job(session, &settings, job) {
+                    let keep_up = settings.compression == Compression::Adaptive
+                        && waiting >= threads
+                        && tx.capacity() > 0;
+                    match encode_job(session, &settings, job, keep_up) {
                         Ok(blob) => {
-                            let seq = blob.seq;
-                            if !send_in_order(&order, &stop, seq, || tx.blocking_send(blob).is_ok())
-                            {
+                            if !hand_off(&order, &stop, blob, |b| tx.blocking_send(b).is_ok()) {
                                 halt();
                             }
                         }
@@ -350,9 +418,9 @@ where
 /// Waits for `seq`'s turn, then runs `send` (which says whether the next stage took it). False
 /// when the cycle stops.
 ///
-/// Both hand-offs (readers to encoders, encoders to the putter) go in seq order, and every stage
-/// takes its work from a queue in seq order: so the item a waiting thread waits for is always
-/// held by a thread that is working, never stuck in a queue behind it.
+/// The readers' hand-off goes in seq order and the readers take their work from a queue in seq
+/// order: so the item a waiting reader waits for is always held by a reader that is working,
+/// never stuck in a queue behind it.
 fn send_in_order(
     order: &SendOrder,
     stop: &AtomicBool,
@@ -369,15 +437,67 @@ fn send_in_order(
             .wait(next)
             .unwrap_or_else(PoisonError::into_inner);
     }
-    // Sending while holding the turn keeps the queue in seq order; the others wait meanwhile.
-    let sent = send();
-    *next = seq.wrapping_add(1);
+    // Holding the turn (not the lock: see `hand_off`) keeps the queue in seq order.
     drop(next);
+    let sent = send();
+    *order.next.lock().unwrap_or_else(PoisonError::into_inner) = seq.wrapping_add(1);
     order.turn.notify_all();
     sent
 }
 
-fn encode_job(session: &Session, settings: &EncodeSettings, job: ReadJob) -> Result<EncodedBlob> {
+/// Sends `blob` if it is its turn, then every parked blob whose turn follows; parks it if its turn
+/// has not come and the parking has room; else waits. False when the cycle stops or `send` fails.
+///
+/// No deadlock: groups reach the encoders in seq order, so the blob whose turn it is is always
+/// held by an encoder that is working (or parked), never stuck in a queue behind a waiting one.
+/// The lock is never held while sending: only the turn's holder sends until it moves the turn
+/// on, and a send blocked on a full queue must not keep [`encode_blobs`]' halt from the lock.
+fn hand_off(
+    order: &Handoff,
+    stop: &AtomicBool,
+    blob: EncodedBlob,
+    mut send: impl FnMut(EncodedBlob) -> bool,
+) -> bool {
+    let mut st = order.state.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        if st.next == blob.seq {
+            break;
+        }
+        if st.parked.len() < order.parked_max {
+            st.parked.insert(blob.seq, blob);
+            return true;
+        }
+        st = order.turn.wait(st).unwrap_or_else(PoisonError::into_inner);
+    }
+    drop(st);
+    let mut blob = blob;
+    loop {
+        if !send(blob) {
+            return false;
+        }
+        let mut st = order.state.lock().unwrap_or_else(PoisonError::into_inner);
+        st.next = st.next.wrapping_add(1);
+        let next = st.next;
+        let parked = st.parked.remove(&next);
+        drop(st);
+        order.turn.notify_all();
+        match parked {
+            Some(b) => blob = b,
+            None => return true,
+        }
+    }
+}
+
+/// Encodes one group; `keep_up`: store the body uncompressed.
+fn encode_job(
+    session: &Session,
+    settings: &EncodeSettings,
+    job: ReadJob,
+    keep_up: bool,
+) -> Result<EncodedBlob> {
     let span: u64 = job.group.iter().map(Extent::len_bytes).sum();
     let mut data = job.data;
     let bytes: &mut [u8] = match &mut data {
@@ -386,7 +506,12 @@ fn encode_job(session: &Session, settings: &EncodeSettings, job: ReadJob) -> Res
     };
     let (extents, data_len, zero_bytes) = compact_zero_runs(&job.group, bytes);
     let obj = session
-        .encode_blob(job.seq, &extents, &bytes[..data_len], settings.zstd_level)
+        .encode_blob_as(
+            job.seq,
+            &extents,
+            &bytes[..data_len],
+            (!keep_up).then_some(settings.zstd_level),
+        )
         .map_err(|e| Error::Object {
             key: layout::blob_key(&settings.disk, settings.cycle, settings.attempt, job.seq),
             source: e,
@@ -397,6 +522,7 @@ fn encode_job(session: &Session, settings: &EncodeSettings, job: ReadJob) -> Res
         tag: obj.tag,
         span_bytes: span,
         zero_bytes,
+        kept_up: keep_up && data_len > 0,
     })
 }
 

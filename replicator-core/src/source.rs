@@ -25,6 +25,7 @@ use crate::format::{
 use crate::gc::{GcPolicy, plan_gc, run_gc};
 use crate::keys::{DiskId, DiskKey, MasterKey};
 use crate::layout;
+pub use crate::pipeline::Compression;
 use crate::pipeline::{self, EncodeSettings, EncodedBlob, Job};
 use crate::progress::Progress;
 use crate::state::{
@@ -44,6 +45,9 @@ pub struct ShipConfig {
     pub blob_extents_max: usize,
     /// zstd level. 1.
     pub zstd_level: i32,
+    /// When blobs are compressed: adaptive (stored raw when compressing would make the cores
+    /// slower than the disk), or always.
+    pub compression: Compression,
     /// Encoded blobs waiting for a put, at most. 4.
     pub blobs_queued_max: usize,
     /// Puts running at once, at most. 4.
@@ -70,6 +74,7 @@ impl Default for ShipConfig {
             blob_span_bytes_max: 4 << 20,
             blob_extents_max: 4096,
             zstd_level: 1,
+            compression: Compression::Adaptive,
             blobs_queued_max: 4,
             puts_in_flight_max: 4,
             encode_threads: 0,
@@ -101,6 +106,9 @@ pub struct ShipReport {
     pub blob_count: u32,
     /// Bytes written to the cache (blobs and manifest).
     pub stored_bytes: u64,
+    /// Blobs whose compression was skipped because the cores were behind the disk
+    /// ([`Compression::Adaptive`]; some would not have compressed anyway).
+    pub blobs_kept_up: u32,
     /// Cycles the target acknowledged since the previous ship.
     pub acked: Vec<u64>,
     /// Cycles the target reported failed; their sectors went into this cycle.
@@ -695,7 +703,13 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
     )
     .await;
     match result {
-        Ok((blob_count, stored_bytes, zero_bytes, _)) => {
+        Ok(CycleWritten {
+            blob_count,
+            stored_bytes,
+            zero_bytes,
+            blobs_kept_up,
+            ..
+        }) => {
             src.dir.write_bitmap(&pending_file(cycle), &frozen.bitmap)?;
             src.state.pending.push(PendingCycle {
                 cycle,
@@ -722,6 +736,7 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
                 zero_bytes,
                 blob_count,
                 stored_bytes,
+                blobs_kept_up,
                 acked,
                 carried_from_failed: carried,
                 resync: None,
@@ -989,8 +1004,14 @@ async fn resync_cycle<T: ChangeTracker + ?Sized + 'static>(
         progress,
     )
     .await;
-    let (blob_count, stored_bytes, zero_bytes, scan) = match result {
-        Ok((n, stored, zero, Some(scan))) => (n, stored, zero, scan),
+    let (blob_count, stored_bytes, zero_bytes, blobs_kept_up, scan) = match result {
+        Ok(CycleWritten {
+            blob_count,
+            stored_bytes,
+            zero_bytes,
+            blobs_kept_up,
+            scan: Some(scan),
+        }) => (blob_count, stored_bytes, zero_bytes, blobs_kept_up, scan),
         Ok(_) => {
             src.tracker.release(false)?;
             src.state.in_flight = None;
@@ -1057,6 +1078,7 @@ async fn resync_cycle<T: ChangeTracker + ?Sized + 'static>(
         zero_bytes,
         blob_count,
         stored_bytes,
+        blobs_kept_up,
         acked,
         carried_from_failed: carried,
         resync: Some(ResyncReport {
@@ -1164,8 +1186,18 @@ fn scan_for_resync<T: ChangeTracker + ?Sized>(
     }))
 }
 
-/// Writes a cycle's blobs and, last, its manifest. Returns (blobs, stored bytes, zero bytes, the
-/// resync scan if the plan was a resync).
+/// What [`write_cycle`] wrote.
+struct CycleWritten {
+    blob_count: u32,
+    stored_bytes: u64,
+    zero_bytes: u64,
+    /// Blobs stored uncompressed to keep up with the disk.
+    blobs_kept_up: u32,
+    /// The resync scan, if the plan was a resync.
+    scan: Option<ResyncScan>,
+}
+
+/// Writes a cycle's blobs and, last, its manifest.
 #[allow(clippy::too_many_arguments)]
 async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
     src: &Source<T>,
@@ -1178,7 +1210,7 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
     clock: &dyn Clock,
     cfg: &ShipConfig,
     progress: &dyn Progress,
-) -> Result<(u32, u64, u64, Option<ResyncScan>)> {
+) -> Result<CycleWritten> {
     let disk = src.disk_id;
     let salt = crate::error::fresh_salt()?;
     let threads = match cfg.encode_threads {
@@ -1212,6 +1244,7 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
         attempt,
         disk,
         zstd_level: cfg.zstd_level,
+        compression: cfg.compression,
         threads,
         read_threads,
         read_depth: cfg.read_depth.max(1),
@@ -1278,6 +1311,7 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
     let mut blobs: Vec<ManifestBlob> = Vec::new();
     let mut stored_bytes = 0u64;
     let mut zero_total = 0u64;
+    let mut kept_up = 0u32;
     let mut failure: Option<Error> = None;
     let sink_ref: &dyn Sink = sink;
     // Puts borrow the sink, so they run as futures polled here rather than spawned tasks.
@@ -1292,6 +1326,7 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
                     let key = layout::blob_key(&disk, cycle, attempt, blob.seq);
                     stored_bytes += blob.bytes.len() as u64;
                     zero_total += blob.zero_bytes;
+                    kept_up += u32::from(blob.kept_up);
                     blobs.push(ManifestBlob {
                         seq: blob.seq,
                         object_len: blob.bytes.len() as u64,
@@ -1362,7 +1397,13 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
         PutMode::Create,
     )
     .await?;
-    Ok((manifest.blobs.len() as u32, stored_bytes, zero_total, scan))
+    Ok(CycleWritten {
+        blob_count: manifest.blobs.len() as u32,
+        stored_bytes,
+        zero_bytes: zero_total,
+        blobs_kept_up: kept_up,
+        scan,
+    })
 }
 
 /// Waits for the first of `futs` to finish; returns its output, its index and the others.

@@ -116,10 +116,10 @@ async fn a_stalled_sink_holds_the_reader_to_the_pipeline_budget() -> anyhow::Res
     let read_bytes = read.load(Ordering::SeqCst);
     let puts = sink.puts_started.load(Ordering::SeqCst);
     // In flight (3), queued for the putter (2), one per encoding thread (2) holding the blob it
-    // waits to send, read groups queued for the encoders (one per encoder: 2) and one per reading
-    // thread (2) holding the group it waits to hand on; the jobs queued for the readers are not
-    // read yet.
-    let budget_blobs = 3 + 2 + 2 + 2 + 2;
+    // waits to send, the blobs parked ahead of their turn (two per encoder: 4), read groups
+    // queued for the encoders (one per encoder: 2) and one per reading thread (2) holding the
+    // group it waits to hand on; the jobs queued for the readers are not read yet.
+    let budget_blobs = 3 + 2 + 2 + replicator_core::pipeline::parked_max(2) as u64 + 2 + 2;
     assert_eq!(puts, 3, "puts in flight are capped at puts_in_flight_max");
     assert!(
         read_bytes <= budget_blobs * span,

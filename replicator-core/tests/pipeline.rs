@@ -16,7 +16,7 @@ use replicator_core::device::{AlignedBuf, BlockDevice, DeviceError, FileDevice, 
 use replicator_core::format::{self, Expect};
 use replicator_core::layout;
 use replicator_core::progress::NoProgress;
-use replicator_core::source::ShipConfig;
+use replicator_core::source::{Compression, ShipConfig};
 use replicator_core::target::{HydrateConfig, Target, hydrate};
 use replicator_sink::{PutMode, Sink};
 
@@ -25,6 +25,15 @@ async fn decoded_blobs(
     w: &World,
     cycle: u64,
 ) -> anyhow::Result<Vec<(u32, usize, Vec<format::BlobExtent>, Vec<u8>)>> {
+    Ok(decoded(w, cycle)
+        .await?
+        .into_iter()
+        .map(|(len, b)| (b.header.seq, len, b.extents, b.data.to_vec()))
+        .collect())
+}
+
+/// (object length, decoded blob) of every blob of `cycle`, in seq order.
+async fn decoded(w: &World, cycle: u64) -> anyhow::Result<Vec<(usize, format::DecodedBlob)>> {
     let disk_key = w.key.disk_key(&w.source.disk_id());
     let mut out = Vec::new();
     for key in w.blob_keys(cycle).await? {
@@ -38,10 +47,70 @@ async fn decoded_blobs(
             tag: None,
         };
         let blob = format::decode_blob(&disk_key, &bytes, &expect)?;
-        out.push((header.seq, bytes.len(), blob.extents, blob.data.to_vec()));
+        out.push((bytes.len(), blob));
     }
-    out.sort_by_key(|b| b.0);
+    out.sort_by_key(|b| b.1.header.seq);
     Ok(out)
+}
+
+/// Blobs whose data zstd level 1 would shrink, stored uncompressed.
+fn raw_but_compressible(blobs: &[(usize, format::DecodedBlob)]) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for (_, b) in blobs {
+        if !b.compressed
+            && !b.data.is_empty()
+            && zstd::bulk::compress(&b.data, 1)?.len() < b.data.len()
+        {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_compression_stores_blobs_raw_only_when_the_encoders_fall_behind()
+-> anyhow::Result<()> {
+    for compression in [Compression::Adaptive, Compression::Zstd] {
+        let mut w = World::new(43)?;
+        // One encoder at zstd 19 is far slower than two readers copying from memory.
+        w.ship_cfg = ShipConfig {
+            blob_span_bytes_max: 64 << 10,
+            zstd_level: 19,
+            encode_threads: 1,
+            read_threads: 2,
+            compression,
+            ..w.ship_cfg
+        };
+        let report = w.ship().await?;
+        let blobs = decoded(&w, report.cycle).await?;
+        let raw = raw_but_compressible(&blobs)?;
+        match compression {
+            Compression::Adaptive => {
+                assert!(
+                    report.blobs_kept_up > 0,
+                    "the encoder was behind, yet every blob was compressed"
+                );
+                assert!(raw > 0, "no compressible blob was stored raw");
+                // The report counts every blob not compressed for speed, random data included.
+                assert!(
+                    raw <= report.blobs_kept_up as usize,
+                    "{raw} raw, {report:?}"
+                );
+                assert!(
+                    blobs.iter().any(|(_, b)| b.compressed),
+                    "a blob taken while the readers were not yet ahead is compressed"
+                );
+            }
+            Compression::Zstd => {
+                assert_eq!(report.blobs_kept_up, 0);
+                assert_eq!(raw, 0, "Compression::Zstd stored a compressible blob raw");
+            }
+        }
+        let hydrated = w.hydrate().await?;
+        assert!(hydrated.failed.is_none(), "{:?}", hydrated.failed);
+        assert!(w.identical(), "{compression:?}: target differs");
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,6 +125,8 @@ async fn any_thread_count_gives_the_same_blobs_in_seq_order() -> anyhow::Result<
             read_depth: 3,
             // One put at a time: the order puts start is the order blobs reach the putter.
             puts_in_flight_max: 1,
+            // Adaptive compression depends on timing, so object lengths would too.
+            compression: Compression::Zstd,
             ..w.ship_cfg
         };
         let initial = w.ship().await?;

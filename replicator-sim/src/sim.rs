@@ -14,7 +14,7 @@ use replicator_core::clock::{SimClock, Timestamp};
 use replicator_core::device::BlockDevice;
 use replicator_core::keys::MasterKey;
 use replicator_core::progress::NoProgress;
-use replicator_core::source::{ShipConfig, ShipOutcome, Source, ship_cycle};
+use replicator_core::source::{Compression, ShipConfig, ShipOutcome, Source, ship_cycle};
 use replicator_core::target::{HydrateConfig, Target, hydrate};
 use replicator_core::tracker::{CbtTracker, TrackerConfig};
 use replicator_sink::LocalDirSink;
@@ -323,6 +323,8 @@ impl World {
             // One put at a time: the order of sink operations, hence of fault draws, is the seed's.
             puts_in_flight_max: 1,
             blobs_queued_max: 1,
+            // Stored bytes that depend on timing would make the seed's runs differ.
+            compression: Compression::Zstd,
             unacked_cycles_max: 6,
             resync_block_bytes: 16 << 10,
             ..ShipConfig::default()
