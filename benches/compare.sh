@@ -28,7 +28,8 @@
 # $COMPARE_DIR/table.md.
 # The script fails on any error of any tool or a target that differs, never on a ratio.
 #
-#   sudo benches/compare.sh                 # 4 GiB image (about 10 minutes, plus the build)
+#   sudo benches/compare.sh                 # 4 GiB image (about 8 minutes, plus the build; ~16 GiB
+#                                           # of disk and ~11 GiB of memory free)
 #   sudo SIZE=512M benches/compare.sh       # what scripts/test.sh runs
 #
 # Environment:
