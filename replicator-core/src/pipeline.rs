@@ -216,13 +216,21 @@ pub enum Compression {
     /// Every blob at the zstd level (kept only if smaller): the stored bytes depend on the data
     /// alone.
     Zstd,
-    /// At the zstd level while the encoders keep up with the readers. A group taken from a full
-    /// read queue (the readers wait for the encoders) while the putter has room is stored
-    /// uncompressed: the cores, not the disk or the sink, are then what limits the copy, and
-    /// storing it raw lets it go at the disk's pace. When the sink is the slower side, every blob
-    /// is compressed. The stored bytes depend on timing; the data never does.
+    /// At the zstd level while the encoders keep up with the readers. A group taken while at
+    /// least half as many read groups as there are encoders wait behind it (the readers are
+    /// ahead of the cores), and while the putter has room, is stored uncompressed: the cores,
+    /// not the disk or the sink, are then what limits the copy, and storing it raw lets it go at
+    /// the disk's pace. When the sink is the slower side, every blob is compressed. The stored
+    /// bytes depend on timing; the data never does.
     #[default]
     Adaptive,
+}
+
+/// Whether [`Compression::Adaptive`] stores the group an encoder just took raw: at least half as
+/// many groups as there are encoders wait behind it (the readers are ahead of the cores), and
+/// the putter's queue has room (else the sink is the slower side, and compressing costs nothing).
+fn store_raw(compression: Compression, behind: usize, encoders: usize, putter_room: usize) -> bool {
+    compression == Compression::Adaptive && 2 * behind >= encoders.max(1) && putter_room > 0
 }
 
 /// Hands the seq numbers out in order and lets workers send only in that order.
@@ -272,8 +280,8 @@ where
     // Read groups waiting for an encoder: one per encoder, so each finds the next one ready.
     let (read_tx, read_rx) = std::sync::mpsc::sync_channel::<ReadJob>(threads);
     let read_rx = Mutex::new(read_rx);
-    // Read groups handed on and not yet taken by an encoder, readers blocked on a full queue
-    // included: at `threads` or more, the readers are waiting for the encoders.
+    // Read groups handed on and not yet taken by an encoder, a reader blocked on a full queue
+    // included.
     let read_waiting = AtomicUsize::new(0);
     // Read buffers: one per reader, one per queued group, one per encoder.
     let buffers = BufPool::new(readers + 2 * threads);
@@ -377,13 +385,14 @@ where
                         rx.recv()
                     };
                     let Ok(job) = job else { break };
-                    let waiting = read_waiting.fetch_sub(1, Ordering::SeqCst);
+                    // Groups waiting behind this one.
+                    let behind = read_waiting
+                        .fetch_sub(1, Ordering::SeqCst)
+                        .saturating_sub(1);
                     if stop.load(Ordering::SeqCst) {
                         continue;
                     }
-                    let keep_up = settings.compression == Compression::Adaptive
-                        && waiting >= threads
-                        && tx.capacity() > 0;
+                    let keep_up = store_raw(settings.compression, behind, threads, tx.capacity());
                     match encode_job(session, &settings, job, keep_up) {
                         Ok(blob) => {
                             if !hand_off(&order, &stop, blob, |b| tx.blocking_send(b).is_ok()) {
@@ -529,6 +538,23 @@ fn encode_job(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adaptive_compression_goes_raw_only_when_reads_wait_and_the_putter_has_room() {
+        use Compression::{Adaptive, Zstd};
+        // One encoder: raw only with a group waiting behind the one taken.
+        assert!(!store_raw(Adaptive, 0, 1, 4));
+        assert!(store_raw(Adaptive, 1, 1, 4));
+        // Two encoders: one group behind; eight: four.
+        assert!(!store_raw(Adaptive, 0, 2, 4));
+        assert!(store_raw(Adaptive, 1, 2, 4));
+        assert!(!store_raw(Adaptive, 3, 8, 4));
+        assert!(store_raw(Adaptive, 4, 8, 4));
+        // A putter with no room: the sink is behind, so compress.
+        assert!(!store_raw(Adaptive, 8, 2, 0));
+        // Zstd always compresses.
+        assert!(!store_raw(Zstd, 8, 2, 4));
+    }
 
     #[test]
     fn zero_detection_sees_a_single_set_byte_anywhere() {
