@@ -184,22 +184,24 @@ fn direct_refused(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EINVAL)
 }
 
-/// Writes `data` into the new file `tmp` with `O_DIRECT` and syncs it: whole aligned blocks (the
-/// last one padded with zeros), then the file cut to its length. False, with nothing created,
-/// when `data` is small or the file system refuses direct I/O.
+/// Opens `path` with `opts` and `O_DIRECT`; None when the file system refuses direct I/O.
+fn open_direct(opts: &mut OpenOptions, path: &Path) -> io::Result<Option<File>> {
+    match opts.custom_flags(libc::O_DIRECT).open(path) {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if direct_refused(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `data` into the new file `tmp` and syncs it: its whole aligned blocks with `O_DIRECT`,
+/// the last partial block through the page cache. False, with nothing created, when `data` is
+/// small or the file system refuses direct I/O.
 fn write_direct(tmp: &Path, data: &[u8], pool: &Arc<BufPool>) -> io::Result<bool> {
     if data.len() < DIRECT_IO_MIN_BYTES {
         return Ok(false);
     }
-    let file = match OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(tmp)
-    {
-        Ok(file) => file,
-        Err(e) if direct_refused(&e) => return Ok(false),
-        Err(e) => return Err(e),
+    let Some(file) = open_direct(OpenOptions::new().write(true).create_new(true), tmp)? else {
+        return Ok(false);
     };
     let whole = data.len() / ALIGN_BYTES * ALIGN_BYTES;
     let copy;
@@ -227,14 +229,8 @@ fn write_direct(tmp: &Path, data: &[u8], pool: &Arc<BufPool>) -> io::Result<bool
 /// Reads the whole of `file` (`len` bytes) into an aligned pooled buffer with `O_DIRECT`. None
 /// when the file system refuses direct reads of it.
 fn read_direct(path: &Path, pool: &Arc<BufPool>) -> io::Result<Option<PooledBuf>> {
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    {
-        Ok(file) => file,
-        Err(e) if direct_refused(&e) => return Ok(None),
-        Err(e) => return Err(e),
+    let Some(file) = open_direct(OpenOptions::new().read(true), path)? else {
+        return Ok(None);
     };
     let len = usize::try_from(file.metadata()?.len())
         .map_err(|_| io::Error::other("the object is larger than this machine's address space"))?;
