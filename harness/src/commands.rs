@@ -330,10 +330,12 @@ fn print_ship(r: &ShipReport) {
 
 /// `harness ship`.
 pub async fn ship(args: ShipArgs) -> Result<ExitCode> {
+    tracing::debug!("ship: started");
     let key = read_keys(&args.key_file)?;
     let stack = args.sink.open()?;
     let sink = &stack.sink;
     let (mut source, report) = open_source(&args.tracker, &args.state, &args.source)?;
+    tracing::debug!("ship: source opened");
     if report.unclean {
         eprintln!(
             "note: the previous run stopped uncleanly; {} activity-log regions were marked changed",
@@ -559,12 +561,14 @@ pub fn print_hydrate(r: &HydrateReport) -> bool {
 
 /// `harness hydrate`.
 pub async fn hydrate(args: HydrateArgs) -> Result<ExitCode> {
+    tracing::debug!("hydrate: started");
     let key = read_keys(&args.key_file)?;
     let stack = args.sink.open()?;
     let sink = &stack.sink;
     let disk = resolve_disk(&args.state, args.disk.as_deref(), sink.as_ref()).await?;
     let device = open_device(&args.target, "target")?;
     let mut target = Target::open(&args.state, device, disk)?;
+    tracing::debug!("hydrate: target opened");
     let bars = Bars::new(false);
     let r = hydrate_cycles(
         &mut target,

@@ -348,6 +348,7 @@ where
                         None => {
                             let span: u64 = job.group.iter().map(Extent::len_bytes).sum();
                             let mut buf = buffers.take(span as usize);
+                            tracing::trace!(seq = job.seq, span, "group read begins");
                             if let Err(e) = read_extents(
                                 tracker,
                                 &job.group,
@@ -361,6 +362,7 @@ where
                         }
                     };
                     let seq = job.seq;
+                    tracing::trace!(seq, "group read");
                     let read = ReadJob {
                         seq,
                         group: job.group,
@@ -393,8 +395,11 @@ where
                         continue;
                     }
                     let keep_up = store_raw(settings.compression, behind, threads, tx.capacity());
+                    let seq = job.seq;
+                    tracing::trace!(seq, keep_up, "group encode begins");
                     match encode_job(session, &settings, job, keep_up) {
                         Ok(blob) => {
+                            tracing::trace!(seq, "group encoded");
                             if !hand_off(&order, &stop, blob, |b| tx.blocking_send(b).is_ok()) {
                                 halt();
                             }

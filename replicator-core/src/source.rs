@@ -250,6 +250,7 @@ impl<T: ChangeTracker + ?Sized + 'static> Source<T> {
         }
         let (tracker, mut report) = open_tracker(&dir.file("tracker"))?;
         let disk_bytes = tracker.disk_bytes();
+        let before = existing.clone();
         let mut state = match existing {
             Some(s) => {
                 if s.disk_bytes != disk_bytes {
@@ -304,7 +305,9 @@ impl<T: ChangeTracker + ?Sized + 'static> Source<T> {
         }
         state.tracker_kind = Some(tracker.kind().to_owned());
         state.tracker_generation = Some(generation);
-        dir.write_json(SOURCE_FILE, &state)?;
+        if before.as_ref() != Some(&state) {
+            dir.write_json(SOURCE_FILE, &state)?;
+        }
         let disk_id: DiskId = state
             .disk_id
             .parse()
@@ -621,7 +624,9 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
     let disk = src.disk_id;
     let disk_key = key.disk_key(&disk);
     settle_in_flight(src, sink, &disk_key).await?;
+    tracing::debug!("ship: in-flight attempt settled");
     let (acked, carried) = sync_acks(src, sink, &disk_key).await?;
+    tracing::debug!(acked = ?acked, "ship: acknowledgements read");
     // Collection is housekeeping: a failure to remove is reported and retried next time.
     match plan_gc(sink, &disk, &src.state, cfg.gc).await {
         Ok(plan) => {
@@ -632,6 +637,7 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
         }
         Err(e) => tracing::warn!(error = %e, "garbage collection skipped: cannot list the cache"),
     }
+    tracing::debug!("ship: garbage collected");
     let found = find_catalog(src, sink, &disk_key).await?;
     if let Some(resync) = src.state.resync.clone() {
         return match found {
@@ -689,6 +695,7 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
         src.tracker.release(false)?;
         return Err(e);
     }
+    tracing::debug!(cycle, attempt, "ship: frozen, attempt saved");
     let result = write_cycle(
         src,
         sink,
@@ -710,6 +717,7 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
             blobs_kept_up,
             ..
         }) => {
+            tracing::debug!(cycle, blob_count, "ship: blobs and manifest put");
             src.dir.write_bitmap(&pending_file(cycle), &frozen.bitmap)?;
             src.state.pending.push(PendingCycle {
                 cycle,
@@ -725,6 +733,7 @@ pub async fn ship_cycle<T: ChangeTracker + ?Sized + 'static>(
             src.state.last_freeze_unix_ms = Some(frozen_at_ms);
             src.save()?;
             src.tracker.release(true)?;
+            tracing::debug!(cycle, "ship: state saved, tracker released");
             Ok(ShipOutcome::Shipped(ShipReport {
                 bytes_written: frozen.bytes_written,
                 interval_ms,
@@ -1367,6 +1376,7 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
         return Err(e);
     }
     let scan = produced??;
+    tracing::trace!("every blob put");
     blobs.sort_by_key(|b| b.seq);
     let bitmap = match (&scan, bitmap) {
         (Some(scan), _) => scan.differing.encode(),
@@ -1391,6 +1401,7 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
             source: e,
         })?;
     stored_bytes += obj.bytes.len() as u64;
+    tracing::trace!("manifest encoded");
     sink.put(
         &layout::manifest_key(&disk, cycle),
         obj.bytes,

@@ -32,7 +32,8 @@ use crate::clock::{Clock, Timestamp};
 use crate::device::{AlignedBuf, BlockDevice};
 use crate::error::{Error, ErrorKind, ReconcileFailure, Result, first_extent_note};
 use crate::format::{
-    self, Ack, AckStatus, DecodedBlob, Expect, ExtentKind, Manifest, ManifestBlob, Session,
+    self, Ack, AckStatus, BlobExtent, DecodedBlob, Expect, ExtentKind, Manifest, ManifestBlob,
+    Session,
 };
 use crate::keys::{DiskId, DiskKey, MasterKey};
 use crate::layout;
@@ -339,6 +340,7 @@ pub async fn hydrate<D: BlockDevice + 'static>(
     // One listing serves the whole call: cycles are applied in order, each on the one before, so
     // a cycle passed over because its base was not committed can never apply later in this call.
     let found = candidates(sink, &disk_key, &disk, t.state.committed_cycle).await?;
+    tracing::debug!(cycles = found.len(), "hydrate: manifests listed");
     // Bases of the cycles passed over, to tell "waiting for the source" from "stuck for good".
     let mut stuck_bases: Vec<u64> = Vec::new();
     for (cycle, decoded) in found {
@@ -872,7 +874,7 @@ fn written_blobs<'a, D: BlockDevice + 'static>(
                 ));
             }
             let span_bytes = extents.iter().map(Extent::len_bytes).sum();
-            let already_zero = write_blob(&tracker, &key, &blob)?;
+            let already_zero = write_blob(&tracker, &key, &blob.extents, &blob.data)?;
             Ok(WrittenBlob {
                 extents,
                 already_zero,
@@ -889,42 +891,122 @@ thread_local! {
     /// already?) and one of zeros to write.
     static ZERO_BUFFERS: std::cell::RefCell<(AlignedBuf, Vec<u8>)> =
         std::cell::RefCell::new((AlignedBuf::zeroed(0), Vec::new()));
+    /// A writing thread's buffer for pieces joined into one write ([`JOIN_BYTES_MAX`]).
+    static JOIN_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Extents of a blob that lie back to back on the disk, each at most this long, are written as
+/// one write of at most this many bytes: a delta's 16 KiB page whose zero runs the encoder cut
+/// out goes to the target in one write, not three. Longer data extents are written as they are
+/// (no copy).
+const JOIN_BYTES_MAX: usize = 256 << 10;
+
+/// A piece of a joined write: data from the blob, or zeros.
+enum Piece<'a> {
+    Data(&'a [u8]),
+    Zeros(usize),
+}
+
+/// Extents waiting to be written as one: they start at `offset` and follow each other.
+struct Joined<'a> {
+    offset: u64,
+    len: usize,
+    pieces: Vec<Piece<'a>>,
+}
+
+impl<'a> Joined<'a> {
+    /// Adds a piece if it follows the others and the write stays short enough.
+    fn try_push(&mut self, offset: u64, piece: Piece<'a>, len: usize) -> bool {
+        if !self.pieces.is_empty()
+            && (self.offset + self.len as u64 != offset || self.len + len > JOIN_BYTES_MAX)
+        {
+            return false;
+        }
+        if self.pieces.is_empty() {
+            self.offset = offset;
+        }
+        self.len += len;
+        self.pieces.push(piece);
+        true
+    }
+
+    /// Writes the pieces held, as one write, and empties the list.
+    fn write<D: BlockDevice>(&mut self, tracker: &CbtTracker<D>) -> Result<()> {
+        match self.pieces.as_slice() {
+            [] => {}
+            [Piece::Data(chunk)] => tracker.write_at(chunk, self.offset)?,
+            pieces => JOIN_BUFFER.with(|cell| -> Result<()> {
+                let mut buf = cell.borrow_mut();
+                buf.clear();
+                for p in pieces {
+                    match p {
+                        Piece::Data(chunk) => buf.extend_from_slice(chunk),
+                        Piece::Zeros(n) => {
+                            let to = buf.len() + n;
+                            buf.resize(to, 0);
+                        }
+                    }
+                }
+                Ok(tracker.write_at(&buf, self.offset)?)
+            })?,
+        }
+        self.pieces.clear();
+        self.len = 0;
+        Ok(())
+    }
 }
 
 /// Writes one verified blob through the target's tracker: data extents as they are; zero
 /// extents of at least [`ZERO_PROBE_MIN_BYTES`] only where the target does not already read as
-/// zero, shorter ones as zeros. Returns the sectors found already zero (not written; they hold
-/// what the cycle says, so they count as written).
+/// zero, shorter ones as zeros; short extents back to back as one write. Returns the sectors
+/// found already zero (not written; they hold what the cycle says, so they count as written).
 fn write_blob<D: BlockDevice>(
     tracker: &CbtTracker<D>,
     key: &str,
-    blob: &DecodedBlob,
+    extents: &[BlobExtent],
+    data: &[u8],
 ) -> Result<Vec<Extent>> {
     let mut data_pos = 0usize;
     let mut already_zero: Vec<Extent> = Vec::new();
-    for e in &blob.extents {
+    let mut joined = Joined {
+        offset: 0,
+        len: 0,
+        pieces: Vec::new(),
+    };
+    for e in extents {
         let len = (e.sector_count * SECTOR_SIZE) as usize;
         let offset = e.start_sector * SECTOR_SIZE;
         match e.kind {
             ExtentKind::Data => {
-                let chunk =
-                    blob.data
-                        .get(data_pos..data_pos + len)
-                        .ok_or_else(|| Error::Manifest {
-                            key: key.to_owned(),
-                            detail: "its data is shorter than its extents".into(),
-                        })?;
-                tracker.write_at(chunk, offset)?;
+                let chunk = data
+                    .get(data_pos..data_pos + len)
+                    .ok_or_else(|| Error::Manifest {
+                        key: key.to_owned(),
+                        detail: "its data is shorter than its extents".into(),
+                    })?;
                 data_pos += len;
+                if len > JOIN_BYTES_MAX {
+                    joined.write(tracker)?;
+                    tracker.write_at(chunk, offset)?;
+                } else if !joined.try_push(offset, Piece::Data(chunk), len) {
+                    joined.write(tracker)?;
+                    joined.try_push(offset, Piece::Data(chunk), len);
+                }
             }
-            ExtentKind::Zero => ZERO_BUFFERS.with(|cell| -> Result<()> {
-                let (probe, zeros) = &mut *cell.borrow_mut();
-                let check = len as u64 >= ZERO_PROBE_MIN_BYTES;
-                let mut done = 0usize;
-                while done < len {
-                    let n = ZERO_WRITE_BYTES.min(len - done);
-                    let at = offset + done as u64;
-                    if check {
+            ExtentKind::Zero if (len as u64) < ZERO_PROBE_MIN_BYTES => {
+                if !joined.try_push(offset, Piece::Zeros(len), len) {
+                    joined.write(tracker)?;
+                    joined.try_push(offset, Piece::Zeros(len), len);
+                }
+            }
+            ExtentKind::Zero => {
+                joined.write(tracker)?;
+                ZERO_BUFFERS.with(|cell| -> Result<()> {
+                    let (probe, zeros) = &mut *cell.borrow_mut();
+                    let mut done = 0usize;
+                    while done < len {
+                        let n = ZERO_WRITE_BYTES.min(len - done);
+                        let at = offset + done as u64;
                         probe.resize(n);
                         tracker.read_at(probe.as_mut_slice(), at)?;
                         if pipeline::is_zero(probe.as_slice()) {
@@ -938,17 +1020,18 @@ fn write_blob<D: BlockDevice>(
                             done += n;
                             continue;
                         }
+                        if zeros.len() < n {
+                            *zeros = vec![0u8; ZERO_WRITE_BYTES];
+                        }
+                        tracker.write_at(&zeros[..n], at)?;
+                        done += n;
                     }
-                    if zeros.len() < n {
-                        *zeros = vec![0u8; ZERO_WRITE_BYTES];
-                    }
-                    tracker.write_at(&zeros[..n], at)?;
-                    done += n;
-                }
-                Ok(())
-            })?,
+                    Ok(())
+                })?;
+            }
         }
     }
+    joined.write(tracker)?;
     Ok(already_zero)
 }
 
@@ -960,7 +1043,7 @@ fn write_blob_here<D: BlockDevice>(
     already_zero: &mut SectorBitmap,
     progress: &dyn Progress,
 ) -> Result<()> {
-    for e in write_blob(tracker, key, blob)? {
+    for e in write_blob(tracker, key, &blob.extents, &blob.data)? {
         already_zero.mark_extent(e)?;
     }
     progress.advance(
@@ -1150,6 +1233,7 @@ async fn apply_cycle<D: BlockDevice + 'static>(
             &unusable,
             first_error,
         )?;
+        tracing::debug!(cycle, "hydrate: every blob verified");
 
         // Phase 2: write. Blobs kept decoded were verified in phase 1 and never left memory;
         // the others are read again (staged file or cache) and verified again right before
@@ -1182,8 +1266,10 @@ async fn apply_cycle<D: BlockDevice + 'static>(
     }
     // Sectors found already zero hold what the cycle says: they count as written.
     crate::tracker::ChangeTracker::carry(&*t.tracker, &already_zero)?;
+    tracing::debug!(cycle, "hydrate: written");
     t.tracker.flush()?;
     progress.end();
+    tracing::debug!(cycle, "hydrate: flushed");
 
     // Phase 3: reconcile what was really written with what the source said changed.
     let written = t.tracker.take_current();
@@ -1202,6 +1288,7 @@ async fn apply_cycle<D: BlockDevice + 'static>(
     t.state.applying_cycle = None;
     t.state.committed_acked = false;
     t.save()?;
+    tracing::debug!(cycle, "hydrate: committed");
     let _ = std::fs::remove_dir_all(t.staging(cycle));
     put_ack(
         t,
@@ -1215,6 +1302,7 @@ async fn apply_cycle<D: BlockDevice + 'static>(
     .await?;
     t.state.committed_acked = true;
     t.save()?;
+    tracing::debug!(cycle, "hydrate: acknowledged");
     Ok(AppliedCycle {
         cycle,
         base_cycle: manifest.base_cycle,
@@ -1224,4 +1312,121 @@ async fn apply_cycle<D: BlockDevice + 'static>(
         started,
         finished: clock.now(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{DeviceError, MemDevice};
+
+    /// A memory disk that records every write's offset and length.
+    #[derive(Debug)]
+    struct Counting {
+        dev: MemDevice,
+        writes: Mutex<Vec<(u64, usize)>>,
+    }
+
+    impl BlockDevice for Counting {
+        fn name(&self) -> &str {
+            self.dev.name()
+        }
+        fn size_bytes(&self) -> u64 {
+            self.dev.size_bytes()
+        }
+        fn read_at(
+            &self,
+            buf: &mut [u8],
+            offset_bytes: u64,
+        ) -> std::result::Result<(), DeviceError> {
+            self.dev.read_at(buf, offset_bytes)
+        }
+        fn write_at(&self, buf: &[u8], offset_bytes: u64) -> std::result::Result<(), DeviceError> {
+            self.writes.lock().unwrap().push((offset_bytes, buf.len()));
+            self.dev.write_at(buf, offset_bytes)
+        }
+        fn flush(&self) -> std::result::Result<(), DeviceError> {
+            Ok(())
+        }
+    }
+
+    fn ext(start_kib: u64, kib: u64, kind: ExtentKind) -> BlobExtent {
+        BlobExtent {
+            start_sector: start_kib * 2,
+            sector_count: kib * 2,
+            kind,
+        }
+    }
+
+    #[test]
+    fn extents_back_to_back_are_written_as_one_and_land_where_they_belong() {
+        use ExtentKind::{Data, Zero};
+        let dev = MemDevice::new("t", 4 << 20);
+        // Old content everywhere, so that zeros written (or not) show.
+        dev.write_at(&vec![0xee; 4 << 20], 0).unwrap();
+        // The target already reads zero here: a long zero run there is left alone.
+        dev.write_at(&vec![0; 128 << 10], 2048 << 10).unwrap();
+        let tracker = CbtTracker::in_memory(
+            Counting {
+                dev,
+                writes: Mutex::new(Vec::new()),
+            },
+            TrackerConfig::default(),
+        );
+        let extents = vec![
+            // A 16 KiB page whose zero run was cut out: one write.
+            ext(0, 8, Data),
+            ext(8, 4, Zero),
+            ext(12, 4, Data),
+            // Not adjacent: a write of its own.
+            ext(64, 4, Data),
+            // Longer than the join limit: written as it is.
+            ext(512, 300, Data),
+            // A long zero run, already zero on the target: not written.
+            ext(2048, 128, Zero),
+            // A long zero run over old content: written as zeros.
+            ext(3000, 64, Zero),
+            // Adjacent pieces that together pass the limit: two writes.
+            ext(3500, 200, Data),
+            ext(3700, 100, Data),
+        ];
+        let data_kib: u64 = extents
+            .iter()
+            .filter(|e| e.kind == Data)
+            .map(|e| e.sector_count / 2)
+            .sum();
+        let data: Vec<u8> = (0..data_kib * 1024).map(|i| (i % 251) as u8 + 1).collect();
+        let zero = write_blob(&tracker, "k", &extents, &data).unwrap();
+        assert_eq!(zero, vec![Extent::new(2048 * 2, 128 * 2)]);
+        let writes = tracker.device().writes.lock().unwrap().clone();
+        let kib = |(o, l): (u64, usize)| (o >> 10, l >> 10);
+        assert_eq!(
+            writes.into_iter().map(kib).collect::<Vec<_>>(),
+            vec![
+                (0, 16),
+                (64, 4),
+                (512, 300),
+                (3000, 64),
+                (3500, 200),
+                (3700, 100)
+            ]
+        );
+        // Every byte where the extents say.
+        let disk = tracker.device().dev.snapshot();
+        let mut pos = 0usize;
+        for e in &extents {
+            let at = (e.start_sector * SECTOR_SIZE) as usize;
+            let len = (e.sector_count * SECTOR_SIZE) as usize;
+            match e.kind {
+                Data => {
+                    assert_eq!(&disk[at..at + len], &data[pos..pos + len], "data at {at}");
+                    pos += len;
+                }
+                Zero => assert!(disk[at..at + len].iter().all(|b| *b == 0), "zeros at {at}"),
+            }
+        }
+        assert!(
+            disk[16 << 10..64 << 10].iter().all(|b| *b == 0xee),
+            "untouched between"
+        );
+    }
 }

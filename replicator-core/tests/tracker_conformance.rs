@@ -485,3 +485,61 @@ fn a_disk_without_sectors_is_refused_not_panicked_on() {
     let f = run(&mut Empty(t), 1, 10).expect_err("an empty disk is refused");
     assert!(f.detail.contains("no sectors"), "{f}");
 }
+
+/// The inode of `path`: a checkpoint written again is a new file renamed into place.
+fn inode(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("metadata").ino()
+}
+
+#[test]
+fn a_clean_reopen_leaves_the_checkpoint_alone_and_an_unclean_one_rewrites_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("cbt");
+    let ckpt = path.join("tracker.ckpt");
+    let dev = Arc::new(MemDevice::new("d", DISK_BYTES));
+    let cfg = TrackerConfig {
+        region_bytes: 64 << 10,
+        ..TrackerConfig::default()
+    };
+    let open = || CbtTracker::open(Arc::clone(&dev), &path, cfg).expect("open");
+
+    let (t, _) = open();
+    t.write_at(&[7u8; 4096], 0).expect("write");
+    t.checkpoint().expect("checkpoint");
+    drop(t);
+    let before = inode(&ckpt);
+    let (t, report) = open();
+    assert!(!report.unclean, "{report:?}");
+    assert_eq!(
+        inode(&ckpt),
+        before,
+        "nothing to add: the checkpoint is not written again"
+    );
+    assert_eq!(
+        t.current().expect("current").count(),
+        8,
+        "the marks are the checkpoint's"
+    );
+
+    // Written without a checkpoint after (a crash): the activity log's region is merged and the
+    // checkpoint written anew, the log emptied.
+    t.write_at(&[9u8; 4096], 512 << 10).expect("write");
+    drop(t);
+    let (t, report) = open();
+    assert!(report.unclean, "{report:?}");
+    assert_ne!(inode(&ckpt), before, "the recovered marks are checkpointed");
+    assert_eq!(
+        std::fs::metadata(path.join("tracker.al"))
+            .expect("al")
+            .len(),
+        0,
+        "the activity log is emptied"
+    );
+    assert!(t.current().expect("current").count() >= 8 + 8);
+    drop(t);
+    let after = inode(&ckpt);
+    let (_t, report) = open();
+    assert!(!report.unclean);
+    assert_eq!(inode(&ckpt), after);
+}

@@ -142,18 +142,19 @@ fn put_blocking(
     }
     let final_path = root.join(key);
     let parent = final_path.parent().unwrap_or(root).to_path_buf();
-    if !parent.is_dir() {
-        fs::create_dir_all(&parent).map_err(io_err)?;
-        // Make the new directory entries durable up to the root.
+    // Makes the key's directories, their entries durable up to the root.
+    let make_parent = || -> io::Result<()> {
+        fs::create_dir_all(&parent)?;
         let mut dir = parent.as_path();
         while let Some(up) = dir.parent() {
-            sync_dir(up).map_err(io_err)?;
+            sync_dir(up)?;
             if up == root {
                 break;
             }
             dir = up;
         }
-    }
+        Ok(())
+    };
     let tmp = root.join(TMP_DIR).join(tmp_name().map_err(io_err)?);
     let result = (|| {
         if !write_direct(&tmp, data, pool)? {
@@ -161,14 +162,31 @@ fn put_blocking(
             file.write_all(data)?;
             file.sync_all()?;
         }
-        match mode {
+        let place = || match mode {
             PutMode::Overwrite => fs::rename(&tmp, &final_path),
-            PutMode::Create => {
-                let linked = fs::hard_link(&tmp, &final_path);
-                fs::remove_file(&tmp)?;
-                linked
+            PutMode::Create => fs::hard_link(&tmp, &final_path),
+        };
+        // A delete that empties a directory removes it (see `delete_blocking`), also while
+        // this put makes it or moves into it: then both are done again.
+        let mut attempts = 0;
+        let placed = loop {
+            let placed = (|| {
+                if !parent.is_dir() {
+                    make_parent()?;
+                }
+                place()
+            })();
+            match placed {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 8 && tmp.exists() => {
+                    attempts += 1;
+                }
+                placed => break placed,
             }
+        };
+        if mode == PutMode::Create {
+            fs::remove_file(&tmp)?;
         }
+        placed
     })();
     if result.is_err() {
         // Best effort: a leftover temporary file is invisible to readers and listing.
@@ -334,11 +352,23 @@ fn list_blocking(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>, SinkError
 }
 
 fn delete_blocking(root: &Path, key: &str) -> Result<(), SinkError> {
-    match fs::remove_file(root.join(key)) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(SinkError::io("delete", key, e)),
+    let path = root.join(key);
+    match fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(SinkError::io("delete", key, e)),
     }
+    // An object store has no directories: the key's directories go with their last object, or
+    // they would pile up (one per cycle) and every listing would walk them. A directory that is
+    // not empty (or already gone) stays and ends the climb; a put racing for it makes it again.
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        if d == root || !d.starts_with(root) || fs::remove_dir(d).is_err() {
+            break;
+        }
+        dir = d.parent();
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -496,5 +526,90 @@ mod tests {
         LocalDirSink::create(dir.path()).unwrap();
         assert!(!dead.exists(), "a dead writer's file is removed");
         assert!(live.exists() && unknown.exists(), "others are left alone");
+    }
+
+    #[test]
+    fn a_directory_goes_with_its_last_object_and_comes_back_with_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let sink = LocalDirSink::create(dir.path()).unwrap();
+        rt.block_on(async {
+            for key in [
+                "d/blobs/1/1/0",
+                "d/blobs/1/1/1",
+                "d/blobs/2/1/0",
+                "d/acks/1",
+            ] {
+                sink.put(key, Bytes::from_static(b"x"), PutMode::Create)
+                    .await
+                    .unwrap();
+            }
+            sink.delete("d/blobs/1/1/0").await.unwrap();
+            assert!(
+                dir.path().join("d/blobs/1/1").is_dir(),
+                "one object is left in it"
+            );
+            sink.delete("d/blobs/1/1/1").await.unwrap();
+            assert!(
+                !dir.path().join("d/blobs/1").exists(),
+                "emptied directories go"
+            );
+            assert!(dir.path().join("d/blobs/2/1/0").is_file(), "others stay");
+            sink.delete("d/blobs/2/1/0").await.unwrap();
+            sink.delete("d/acks/1").await.unwrap();
+            assert!(!dir.path().join("d").exists(), "up to the root");
+            assert!(
+                dir.path().join(TMP_DIR).is_dir(),
+                "the root and its .tmp stay"
+            );
+            // Deleting what is gone is fine, and a put makes the directories again.
+            sink.delete("d/acks/1").await.unwrap();
+            sink.put("d/acks/2", Bytes::from_static(b"y"), PutMode::Overwrite)
+                .await
+                .unwrap();
+            assert_eq!(
+                sink.get("d/acks/2").await.unwrap(),
+                Bytes::from_static(b"y")
+            );
+            let listed = sink.list("d/").await.unwrap();
+            assert_eq!(listed.len(), 1);
+        });
+    }
+
+    #[test]
+    fn puts_and_deletes_racing_for_one_directory_never_fail() {
+        // The source's collection deletes acknowledgements while the target puts the next one
+        // into the same directory: a delete may remove the directory a put has just made.
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Arc::new(LocalDirSink::create(dir.path()).unwrap());
+        let workers: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|name| {
+                let sink = Arc::clone(&sink);
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async {
+                        for i in 0..300 {
+                            let key = format!("d/acks/{name}{i}");
+                            let mode = if i % 2 == 0 {
+                                PutMode::Create
+                            } else {
+                                PutMode::Overwrite
+                            };
+                            sink.put(&key, Bytes::from_static(b"x"), mode).await?;
+                            sink.delete(&key).await?;
+                        }
+                        Ok::<(), SinkError>(())
+                    })
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap().unwrap();
+        }
     }
 }

@@ -152,6 +152,9 @@ impl<D: BlockDevice> CbtTracker<D> {
         let sectors = dev.size_bytes() / SECTOR_SIZE;
         let mut report = OpenReport::default();
         let ckpt_path = dir.join(CKPT_FILE);
+        // Whether the checkpoint on disk already says all that is opened (read whole, nothing
+        // merged or recovered into it): then it is not written again.
+        let mut unchanged = true;
         let ckpt = match std::fs::read(&ckpt_path) {
             Ok(bytes) => match decode_checkpoint(&bytes, &ckpt_path, sectors) {
                 Ok(c) => c,
@@ -162,6 +165,7 @@ impl<D: BlockDevice> CbtTracker<D> {
                     // next cycle compares checksums rather than re-seeding everything.
                     let reason = format!("the tracker checkpoint could not be read ({e})");
                     tracing::warn!(path = %ckpt_path.display(), %reason, "tracking lost");
+                    unchanged = false;
                     Checkpoint {
                         generation: Generation::generate()?,
                         epoch: 1,
@@ -171,13 +175,16 @@ impl<D: BlockDevice> CbtTracker<D> {
                     }
                 }
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Checkpoint {
-                generation: Generation::generate()?,
-                epoch: 1,
-                lost: None,
-                current: SectorBitmap::new(sectors),
-                frozen: None,
-            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                unchanged = false;
+                Checkpoint {
+                    generation: Generation::generate()?,
+                    epoch: 1,
+                    lost: None,
+                    current: SectorBitmap::new(sectors),
+                    frozen: None,
+                }
+            }
             Err(e) => return Err(Error::state_io(&ckpt_path, "cannot read", e)),
         };
         let Checkpoint {
@@ -191,10 +198,17 @@ impl<D: BlockDevice> CbtTracker<D> {
         if let Some(frozen) = frozen {
             current.union_with(&frozen)?;
             report.frozen_merged = true;
+            unchanged = false;
         }
         let al_path = dir.join(AL_FILE);
         let regions = read_activity_log(&al_path)?;
+        // A log with a torn record but no whole one is emptied too: records appended after
+        // the torn one would never be read.
+        if std::fs::metadata(&al_path).map_or(true, |m| m.len() != 0) {
+            unchanged = false;
+        }
         if !regions.is_empty() {
+            unchanged = false;
             report.unclean = true;
             report.regions_recovered = regions.len() as u64;
             for region in regions {
@@ -237,7 +251,7 @@ impl<D: BlockDevice> CbtTracker<D> {
                 cow_file: Some(cow_file),
             }),
         };
-        {
+        if !unchanged {
             let mut inner = tracker.lock();
             tracker.checkpoint_locked(&mut inner)?;
         }
