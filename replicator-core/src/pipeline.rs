@@ -208,6 +208,21 @@ pub struct EncodeSettings {
     pub read_threads: usize,
     /// Reads in flight per reading thread (at least 1).
     pub read_depth: usize,
+    /// Nice levels the encoders run below the thread that starts them (0: the same).
+    pub encoder_nice: i32,
+}
+
+/// Lowers the calling thread's scheduling priority by `steps` nice levels (up to the lowest,
+/// 19); Linux keeps a nice value per thread. The thread cannot raise it again without
+/// privilege, so only threads that end with their work call this.
+pub fn lower_thread_priority(steps: i32) -> std::io::Result<()> {
+    if steps <= 0 {
+        return Ok(());
+    }
+    let tid = rustix::thread::gettid();
+    let now = rustix::process::getpriority_process(Some(tid))?;
+    rustix::process::setpriority_process(Some(tid), now.saturating_add(steps).min(19))?;
+    Ok(())
 }
 
 /// How blob bodies are compressed.
@@ -381,6 +396,9 @@ where
         drop(read_tx);
         for _ in 0..threads {
             s.spawn(|| {
+                if let Err(e) = lower_thread_priority(settings.encoder_nice) {
+                    tracing::debug!(error = %e, "cannot lower an encoder's priority");
+                }
                 loop {
                     let job = {
                         let rx = read_rx.lock().unwrap_or_else(PoisonError::into_inner);
@@ -591,5 +609,23 @@ mod tests {
         assert_eq!(out[0].kind, ExtentKind::Zero);
         assert_eq!((out[1].start_sector, out[1].sector_count), (8, 8));
         assert_eq!((out[2].start_sector, out[2].sector_count), (100, 8));
+    }
+
+    #[test]
+    fn an_encoder_thread_lowers_its_own_priority_only() {
+        let own = || rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
+        let before = own();
+        let (inside_before, inside_after, unchanged) = std::thread::spawn(move || {
+            let b = own();
+            lower_thread_priority(0).unwrap();
+            let unchanged = own() == b;
+            lower_thread_priority(3).unwrap();
+            (b, own(), unchanged)
+        })
+        .join()
+        .unwrap();
+        assert!(unchanged, "0 steps change nothing");
+        assert_eq!(inside_after, (inside_before + 3).min(19));
+        assert_eq!(own(), before, "the calling thread keeps its priority");
     }
 }

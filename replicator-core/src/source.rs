@@ -60,6 +60,11 @@ pub struct ShipConfig {
     pub read_threads: usize,
     /// Reads in flight per reading thread (a delta's many small extents are read at once). 16.
     pub read_depth: usize,
+    /// Nice levels the encoding threads run below the shipping thread. 10. The readers (whose
+    /// CPU needs are small but urgent: a read completes, the next must be issued) and the
+    /// workload on the source go first; with adaptive compression, what the encoders then
+    /// cannot compress in time is stored raw, so the disk never waits for them. 0: the same.
+    pub encoder_nice: i32,
     /// Shipped cycles the target has not acknowledged, at most; shipping refuses beyond. 64.
     pub unacked_cycles_max: usize,
     /// What each ship's garbage collection keeps.
@@ -80,6 +85,7 @@ impl Default for ShipConfig {
             encode_threads: 0,
             read_threads: 2,
             read_depth: 16,
+            encoder_nice: 10,
             unacked_cycles_max: 64,
             gc: GcPolicy::default(),
             resync_block_bytes: catalog::DEFAULT_BLOCK_BYTES,
@@ -1257,6 +1263,7 @@ async fn write_cycle<T: ChangeTracker + ?Sized + 'static>(
         threads,
         read_threads,
         read_depth: cfg.read_depth.max(1),
+        encoder_nice: cfg.encoder_nice,
     };
     let producer = tokio::task::spawn_blocking(move || -> Result<Option<ResyncScan>> {
         let mut seq_next = 0u64;
