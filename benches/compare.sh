@@ -30,7 +30,7 @@
 #
 #   sudo benches/compare.sh                 # 4 GiB image (about 8 minutes, plus the build; ~16 GiB
 #                                           # of disk and ~11 GiB of memory free)
-#   sudo SIZE=512M benches/compare.sh       # what scripts/test.sh runs
+#   sudo SIZE=2G benches/compare.sh         # what scripts/test.sh runs (about 4 minutes)
 #
 # Environment:
 #   SIZE         image size, a whole number of MiB (512M, 4G; default 4G)
