@@ -116,6 +116,10 @@ pub struct Scenario {
     /// still has a failed or unapplied cycle or differs.
     #[serde(default = "heal_rounds_default")]
     pub heal_rounds: u32,
+    /// When ships compress blobs: `adaptive` (the default, as `harness ship`) or `zstd` (every
+    /// blob, so that the bytes stored depend on the data alone, as `stored_bytes_max` wants).
+    #[serde(default)]
+    pub compression: CompressionSpec,
     /// The cache every disk shares.
     #[serde(default)]
     pub sink: SinkSpec,
@@ -194,6 +198,17 @@ pub enum Backing {
     Loop,
     /// A sparse image file.
     File,
+}
+
+/// When ships compress blobs ([`replicator_core::source::Compression`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CompressionSpec {
+    /// zstd unless the cores fall behind the disk: what a ship stores then depends on timing.
+    #[default]
+    Adaptive,
+    /// zstd for every blob.
+    Zstd,
 }
 
 /// A source's change tracker.
@@ -933,6 +948,7 @@ bytes = "1M"
         assert_eq!(s.concurrency, CONCURRENCY_DEFAULT);
         assert_eq!(s.disks[0].get_ref().size, Size(8 << 20));
         assert_eq!(s.disks[0].get_ref().tracker, Tracker::Cbt);
+        assert_eq!(s.compression, CompressionSpec::Adaptive);
         assert!(s.expect.identical);
         assert_eq!(s.disk_names()[0].name, "db");
         Ok(())
@@ -945,6 +961,17 @@ bytes = "1M"
         let e = e.unwrap_or_default();
         assert!(e.starts_with("t.toml:12:"), "{e}");
         assert!(e.contains("bites"), "{e}");
+    }
+
+    #[test]
+    fn compression_is_adaptive_or_zstd_and_a_bad_one_is_named() -> Result<(), SpecError> {
+        let text = BASIC.replace("cycles = 2", "cycles = 2\ncompression = \"zstd\"");
+        assert_eq!(parse(&text, "t.toml")?.compression, CompressionSpec::Zstd);
+        let text = BASIC.replace("cycles = 2", "cycles = 2\ncompression = \"lz4\"");
+        let e = parse(&text, "t.toml").err().map(|e| e.to_string());
+        let e = e.unwrap_or_default();
+        assert!(e.starts_with("t.toml:4:") && e.contains("lz4"), "{e}");
+        Ok(())
     }
 
     #[test]
