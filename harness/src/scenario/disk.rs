@@ -12,9 +12,7 @@ use replicator_core::device::{BlockDevice, FileDevice};
 use replicator_core::keys::DiskId;
 use replicator_core::progress::Progress;
 use replicator_core::schedule::SchedulePolicy;
-use replicator_core::source::{
-    Compression, ShipConfig, ShipOutcome, ShipReport, Source, ship_cycle,
-};
+use replicator_core::source::{ShipConfig, ShipOutcome, ShipReport, Source, ship_cycle};
 use replicator_core::target::{HydrateConfig, HydrateReport, Target, hydrate};
 use replicator_core::tracker::ChangeTracker;
 use replicator_core::verify::verify_devices;
@@ -508,10 +506,7 @@ impl Disk {
 
     fn ship(&mut self, ctx: &Ctx, bar: &DiskBar) -> Result<ShipReport> {
         let cfg = ShipConfig {
-            compression: match ctx.scenario.compression {
-                spec::CompressionSpec::Adaptive => Compression::Adaptive,
-                spec::CompressionSpec::Zstd => Compression::Zstd,
-            },
+            compression: ctx.scenario.compression.compression(),
             ..ShipConfig::default()
         };
         let sink = Arc::clone(&ctx.stack.sink);
@@ -573,10 +568,7 @@ impl Disk {
             spec::Side::Ship => {
                 cmd.arg("ship")
                     .arg("--compression")
-                    .arg(match ctx.scenario.compression {
-                        spec::CompressionSpec::Adaptive => "adaptive",
-                        spec::CompressionSpec::Zstd => "zstd",
-                    })
+                    .arg(ctx.scenario.compression.arg())
                     .arg("--source")
                     .arg(&self.source_dev)
                     .arg("--state")

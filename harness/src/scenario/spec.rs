@@ -211,6 +211,24 @@ pub enum CompressionSpec {
     Zstd,
 }
 
+impl CompressionSpec {
+    /// The ship setting.
+    pub fn compression(self) -> replicator_core::source::Compression {
+        match self {
+            CompressionSpec::Adaptive => replicator_core::source::Compression::Adaptive,
+            CompressionSpec::Zstd => replicator_core::source::Compression::Zstd,
+        }
+    }
+
+    /// The value of `harness ship --compression`.
+    pub fn arg(self) -> &'static str {
+        match self {
+            CompressionSpec::Adaptive => "adaptive",
+            CompressionSpec::Zstd => "zstd",
+        }
+    }
+}
+
 /// A source's change tracker.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -202,13 +202,12 @@ impl<D: BlockDevice> CbtTracker<D> {
         }
         let al_path = dir.join(AL_FILE);
         let regions = read_activity_log(&al_path)?;
-        // A log with a torn record but no whole one is emptied too: records appended after
-        // the torn one would never be read.
+        // A log with anything in it is emptied by a checkpoint: its regions were merged above,
+        // and a torn record would hide the records appended after it.
         if std::fs::metadata(&al_path).map_or(true, |m| m.len() != 0) {
             unchanged = false;
         }
         if !regions.is_empty() {
-            unchanged = false;
             report.unclean = true;
             report.regions_recovered = regions.len() as u64;
             for region in regions {
